@@ -1,0 +1,268 @@
+"""Result backend on Redis, in Celery's key layout so Celery clients read our results.
+
+Storage layout (the URL's database):
+
+=====================================  ====  ================================================
+key                                    type  content
+=====================================  ====  ================================================
+``celery-task-meta-<task_id>``         str   task meta (``result_serializer``), SET with PX
+                                             when a ttl is given, then PUBLISHed on the
+                                             channel of the same name, as Celery does
+``celery-taskset-meta-<group_id>``     str   ``{"result": [[gid, null], [[[id, null], null],
+                                             ...]]}``
+``celery-taskset-meta-<gid>.j``        zset  chord join: header task id -> 1-based rank in
+                                             arrival order (``.j.claim``: who completed it)
+=====================================  ====  ================================================
+
+``wait`` is woken by those PUBLISHes: one shared pub/sub connection per backend instance
+subscribes to the channels of the keys being waited on; the base class re-reads on every
+hint. Each new subscription yields one hint once Redis has confirmed it, so a result
+stored between the base class's first read and the subscription is never missed.
+Celery's own chord join on Redis uses ``.j`` as a zset of encoded results scored by group
+index; the two formats do not mix, so one chord must be run by one kind of worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from redis import exceptions as rexc
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+
+from ..exceptions import BackendError
+from .base import KeyValueBackend
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
+
+CONN_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+# KEYS[1]: the join zset. ARGV: member, ttl in ms ('' = keep). Returns the member's rank.
+_ADD_MEMBER = """
+local r = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not r then
+  r = redis.call('ZCARD', KEYS[1]) + 1
+  redis.call('ZADD', KEYS[1], r, ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return tonumber(r)
+"""
+
+
+def _redis_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() == "redis+socket":
+        return "unix://" + rest.replace("virtual_host=", "db=")
+    return url
+
+
+class RedisBackend(KeyValueBackend):
+    """Celery-compatible results on Redis with pub/sub wake-ups."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0",
+                 options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, options)
+        self._client_: Redis | None = None
+        self._add: AsyncScript | None = None
+        self._hub: _Hub | None = None
+
+    @property
+    def client(self) -> Redis:
+        if self._client_ is None:
+            self._client_ = Redis.from_url(
+                _redis_url(self.url),
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+                socket_keepalive=True,
+                socket_connect_timeout=float(self.options.get("socket_connect_timeout", 5.0)),
+                socket_timeout=float(self.options.get("socket_timeout", 30.0)),
+            )
+            self._add = AsyncScript(self._client_, _ADD_MEMBER)
+        return self._client_
+
+    async def connect(self) -> None:
+        async with self._errors("connect"):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            await hub.close()
+        client, self._client_ = self._client_, None
+        if client is not None:
+            with suppress(*CONN_ERRORS):
+                await client.aclose()
+
+    @asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except rexc.RedisError as exc:
+            raise BackendError(f"Redis result backend {what} failed: {exc}") from exc
+
+    # -- the six primitives ----------------------------------------------------------
+
+    async def _get(self, key: str) -> bytes | None:
+        async with self._errors("get"):
+            value: bytes | None = await self.client.get(key)  # type: ignore[assignment]
+        return value
+
+    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        async with self._errors("mget"):
+            values: list[bytes | None] = await self.client.mget(keys)  # type: ignore[assignment]
+        return values
+
+    async def _set(self, key: str, value: bytes, ttl: float | None) -> None:
+        async with self._errors("store"), self.client.pipeline(transaction=False) as pipe:
+            if ttl is None:
+                pipe.set(key, value)
+            else:
+                pipe.set(key, value, px=max(1, int(ttl * 1000)))
+            pipe.publish(key, value)
+            await pipe.execute()
+
+    async def _delete(self, *keys: str) -> None:
+        if keys:
+            async with self._errors("delete"):
+                await self.client.delete(*keys)
+
+    async def _add_member(self, key: str, member: str, ttl: float | None) -> int:
+        """The member's 1-based rank: the set's size after adding a new member; a member
+        added again gets its first rank back (see ``KeyValueBackend.chord_join``)."""
+        client = self.client
+        assert self._add is not None
+        px = "" if ttl is None else max(1, int(ttl * 1000))
+        async with self._errors("chord join"):
+            return int(await self._add(keys=[key], args=[member, px], client=client))
+
+    def _changes(self, keys: Sequence[str]) -> AsyncIterator[str]:
+        if self._hub is None:
+            self._hub = _Hub(self.client)
+        return self._hub.watch(list(dict.fromkeys(keys)))
+
+
+class _Hub:
+    """One pub/sub connection shared by every ``wait`` on this backend instance."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.ps: PubSub | None = None
+        self.watchers: dict[str, set[asyncio.Queue[str]]] = {}
+        self.confirming: dict[str, list[asyncio.Future[None]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def watch(self, keys: list[str]) -> AsyncIterator[str]:
+        """Yield a key whenever it may have changed, starting once the subscription holds."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        new = [k for k in keys if k not in self.watchers]
+        for k in keys:
+            self.watchers.setdefault(k, set()).add(queue)
+        try:
+            others = [f for k in keys if k not in new for f in self.confirming.get(k, [])]
+            if new:
+                await self._subscribe(new)
+            if others:
+                await asyncio.wait(others, timeout=5.0)
+            yield keys[0]  # subscribed now: the caller re-reads once
+            while True:
+                yield await queue.get()
+        finally:
+            gone = []
+            for k in keys:
+                qs = self.watchers.get(k)
+                if qs is not None:
+                    qs.discard(queue)
+                    if not qs:
+                        del self.watchers[k]
+                        gone.append(k)
+            if gone and self.ps is not None:
+                with suppress(*CONN_ERRORS):
+                    await self.ps.unsubscribe(*gone)
+
+    async def _subscribe(self, channels: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in channels]
+        for ch, fut in zip(channels, futures, strict=True):
+            self.confirming.setdefault(ch, []).append(fut)
+        try:
+            if self.ps is None:
+                self.ps = self.client.pubsub()
+            await self.ps.subscribe(*channels)
+            if self.reader is None or self.reader.done():
+                self.reader = loop.create_task(self._read())
+            await asyncio.wait(futures, timeout=5.0)  # on timeout, the base polls anyway
+        except CONN_ERRORS as exc:
+            logger.warning("result pub/sub subscribe failed (%s); waiting by polling", exc)
+        finally:
+            for ch, fut in zip(channels, futures, strict=True):
+                waiting = self.confirming.get(ch, [])
+                if fut in waiting:
+                    waiting.remove(fut)
+                if not waiting:
+                    self.confirming.pop(ch, None)
+
+    async def _read(self) -> None:
+        delay = 0.1
+        while self.ps is not None:
+            try:
+                msg = await self.ps.get_message(timeout=None)
+            except CONN_ERRORS as exc:
+                logger.warning("result pub/sub connection lost (%s); resubscribing", exc)
+                while True:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    try:
+                        await self._resubscribe()
+                        break
+                    except CONN_ERRORS:
+                        continue
+                continue
+            delay = 0.1
+            if msg is None:
+                continue
+            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else ""
+            if msg["type"] == "message":
+                for q in self.watchers.get(channel, ()):
+                    q.put_nowait(channel)
+            elif msg["type"] == "subscribe":
+                for fut in self.confirming.pop(channel, []):
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _resubscribe(self) -> None:
+        """A fresh connection for every watched channel; hint all, as messages were lost."""
+        old, self.ps = self.ps, None
+        if old is not None:
+            with suppress(*CONN_ERRORS):
+                await old.aclose()  # type: ignore[no-untyped-call]
+        if not self.watchers:
+            return  # the reader stops; the next watch starts afresh
+        ps = self.client.pubsub()
+        try:
+            await ps.subscribe(*self.watchers)
+        except BaseException:
+            with suppress(*CONN_ERRORS):
+                await ps.aclose()  # type: ignore[no-untyped-call]
+            raise
+        self.ps = ps
+        for k, qs in self.watchers.items():
+            for q in qs:
+                q.put_nowait(k)
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with suppress(asyncio.CancelledError):
+                await self.reader
+        if self.ps is not None:
+            with suppress(*CONN_ERRORS):
+                await self.ps.aclose()  # type: ignore[no-untyped-call]
+            self.ps = None

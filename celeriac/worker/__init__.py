@@ -1,0 +1,1 @@
+"""The worker: one asyncio loop that consumes, runs tasks in a pool and settles them."""
