@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -33,10 +34,8 @@ class _ThreadLoop(threading.local):
 
 def _close_loop(loop: asyncio.AbstractEventLoop, pid: int) -> None:
     if pid == os.getpid() and not loop.is_closed() and not loop.is_running():
-        try:
+        with contextlib.suppress(Exception):  # best effort at thread exit
             loop.run_until_complete(loop.shutdown_asyncgens())
-        except Exception:  # pragma: no cover - best effort at thread exit
-            pass
         loop.close()
 
 

@@ -124,8 +124,9 @@ class Celery:
 
     # -- configuration --------------------------------------------------------
 
-    def config_from_object(self, obj: Any, silent: bool = False, force: bool = False,
-                           namespace: str | None = None) -> None:
+    def config_from_object(
+        self, obj: Any, silent: bool = False, force: bool = False, namespace: str | None = None
+    ) -> None:
         try:
             self.conf.load_object(obj, namespace=namespace or self.namespace)
         except ImportError:
@@ -133,7 +134,9 @@ class Celery:
                 raise
         self._router = None
 
-    def config_from_envvar(self, variable_name: str, silent: bool = False, force: bool = False) -> None:
+    def config_from_envvar(
+        self, variable_name: str, silent: bool = False, force: bool = False
+    ) -> None:
         module = os.environ.get(variable_name)
         if not module:
             if silent:
@@ -194,8 +197,13 @@ class Celery:
 
         return deco
 
-    def _task_from_fun(self, fun: Callable[..., Any], name: str | None = None,
-                       base: type[Task[..., Any]] | None = None, **options: Any) -> Task[..., Any]:
+    def _task_from_fun(
+        self,
+        fun: Callable[..., Any],
+        name: str | None = None,
+        base: type[Task[..., Any]] | None = None,
+        **options: Any,
+    ) -> Task[..., Any]:
         cls = base or self.task_cls
         for key in options:
             if key not in _TASK_OPTIONS and not hasattr(cls, key):
@@ -250,8 +258,12 @@ class Celery:
             for key, value in (found or {}).items():
                 setattr(task, key, value)
 
-    def autodiscover_tasks(self, packages: Sequence[str] | Callable[[], Sequence[str]] = (),
-                           related_name: str = "tasks", force: bool = False) -> None:
+    def autodiscover_tasks(
+        self,
+        packages: Sequence[str] | Callable[[], Sequence[str]] = (),
+        related_name: str = "tasks",
+        force: bool = False,
+    ) -> None:
         pkgs = packages() if callable(packages) else packages
         for pkg in pkgs:
             with contextlib.suppress(ModuleNotFoundError):
@@ -266,28 +278,37 @@ class Celery:
     def finalize(self, auto: bool = False) -> None:
         self.loader_import_default_modules()
 
-    def signature(self, name: str, args: Sequence[Any] | None = None,
-                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def signature(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         from .canvas import Signature
 
         return Signature(name, args, kwargs, options, app=self)
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
         from .result import AsyncResult
 
         return AsyncResult(task_id, app=self, **kwargs)
 
-    def GroupResult(self, group_id: str | None = None, results: Any = None, **kw: Any) -> Any:  # noqa: N802
+    def GroupResult(self, group_id: str | None = None, results: Any = None, **kw: Any) -> Any:
         from .result import GroupResult
 
         return GroupResult(group_id, results, app=self, **kw)
 
     # -- sending ------------------------------------------------------------------
 
-    def prepare_message(self, name: str, args: Sequence[Any] | None = None,
-                        kwargs: Mapping[str, Any] | None = None,
-                        task: Task[..., Any] | None = None,
-                        **options: Any) -> tuple[Outgoing, QueueSpec, str]:
+    def prepare_message(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task: Task[..., Any] | None = None,
+        **options: Any,
+    ) -> tuple[Outgoing, QueueSpec, str]:
         """Build the message for one task call (pure: no I/O). Returns (message, queue, id)."""
         conf = self.conf
         if task is None:
@@ -321,8 +342,11 @@ class Celery:
         serializer = options.get("serializer") or (task and task.serializer) or conf.task_serializer
         ignore = options.get("ignore_result")
         if ignore is None:
-            ignore = task.ignore_result if task is not None and task.ignore_result is not None \
+            ignore = (
+                task.ignore_result
+                if task is not None and task.ignore_result is not None
                 else conf.task_ignore_result
+            )
         priority = route.priority
         if priority is None and task is not None:
             priority = task.priority
@@ -358,7 +382,8 @@ class Celery:
             priority=priority,
             reply_to=options.get("reply_to"),
             persistent=route.persistent,
-            compression=options.get("compression") or (task and task.compression)
+            compression=options.get("compression")
+            or (task and task.compression)
             or conf.task_compression,
             shadow=options.get("shadow"),
             headers=options.get("headers"),
@@ -367,8 +392,13 @@ class Celery:
         out = Outgoing(env, route.exchange, route.routing_key, not_before)
         return out, route.queue.to_spec(), task_id
 
-    def send_task(self, name: str, args: Sequence[Any] | None = None,
-                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         """Send a task by name; returns its AsyncResult (no I/O when inside ``batch()``)."""
         from .result import AsyncResult
 
@@ -381,8 +411,13 @@ class Celery:
             self.portal.run(self._apublish([(out, spec)]))
         return AsyncResult(task_id, app=self, task_name=name)
 
-    async def asend_task(self, name: str, args: Sequence[Any] | None = None,
-                         kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    async def asend_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         from .result import AsyncResult
 
         task = options.pop("_task", None)
@@ -507,8 +542,9 @@ class Celery:
         conns = await self.connection_for_current_loop()
         return await conns.backend.get_many(task_ids)
 
-    async def await_results(self, task_ids: Sequence[str], *, timeout: float | None
-                            ) -> AsyncIterator[ResultMeta]:
+    async def await_results(
+        self, task_ids: Sequence[str], *, timeout: float | None
+    ) -> AsyncIterator[ResultMeta]:
         conns = await self.connection_for_current_loop()
         async for meta in conns.backend.wait(task_ids, timeout=timeout):
             yield meta
@@ -640,9 +676,13 @@ def _register_builtins(app: Celery) -> None:
     def _backend_cleanup() -> None:
         return None
 
-    for name, fun in (("celery.map", _map), ("celery.starmap", _starmap),
-                      ("celery.chunks", _chunks), ("celery.ping", _ping),
-                      ("celery.backend_cleanup", _backend_cleanup)):
+    for name, fun in (
+        ("celery.map", _map),
+        ("celery.starmap", _starmap),
+        ("celery.chunks", _chunks),
+        ("celery.ping", _ping),
+        ("celery.backend_cleanup", _backend_cleanup),
+    ):
         t = app.task_cls()
         t.name, t.app, t._fun = name, app, fun
         t.typing = not inspect.isbuiltin(fun)

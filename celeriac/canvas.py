@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .protocol import saferepr
 
@@ -52,7 +52,7 @@ class Signature(dict[str, Any]):
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
-        type: Task[..., Any] | None = None,  # noqa: A002 - Celery's keyword
+        type: Task[..., Any] | None = None,
         subtask_type: str | None = None,
         immutable: bool = False,
         app: Celery | None = None,
@@ -144,7 +144,10 @@ class Signature(dict[str, Any]):
     # -- building ---------------------------------------------------------------
 
     def _merge(
-        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, options: Mapping[str, Any]
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
     ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
         opts = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         if self.immutable:
@@ -156,7 +159,10 @@ class Signature(dict[str, Any]):
         )
 
     def clone(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **opts: Any
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
     ) -> Signature:
         a, kw, o = self._merge(args, kwargs, opts)
         sig = type(self).from_dict(
@@ -186,7 +192,7 @@ class Signature(dict[str, Any]):
 
     on_error = link_error
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None, **kw: Any) -> AsyncResult:
+    def freeze(self, _id: str | None = None, group_id: str | None = None, **kw: Any) -> Any:
         """Fix this call's task id now, so results can be referenced before sending."""
         opts = self.options
         if _id is not None:
@@ -196,7 +202,7 @@ class Signature(dict[str, Any]):
             opts["group_id"] = group_id
         return self.AsyncResult(opts["task_id"])
 
-    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802
+    def AsyncResult(self, task_id: str) -> AsyncResult:
         from .result import AsyncResult
 
         return AsyncResult(task_id, app=self.app, task_name=self.task)
@@ -204,7 +210,9 @@ class Signature(dict[str, Any]):
     # -- running ----------------------------------------------------------------
 
     def apply_async(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Any:
         a, kw, opts = self._merge(args, kwargs, options)
@@ -217,7 +225,9 @@ class Signature(dict[str, Any]):
         return app.send_task(self.task, a, kw, _task=task, **opts)
 
     async def aapply_async(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Any:
         a, kw, opts = self._merge(args, kwargs, options)
@@ -233,7 +243,12 @@ class Signature(dict[str, Any]):
     async def adelay(self, *args: Any, **kwargs: Any) -> Any:
         return await self.aapply_async(args, kwargs)
 
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         a, kw, opts = self._merge(args, kwargs, options)
         return self.type.apply(a, kw, **opts)
 
@@ -244,7 +259,7 @@ class Signature(dict[str, Any]):
 
     # -- composing ---------------------------------------------------------------
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, Signature):
             return chain(self, other, app=self._app_ref)
         return NotImplemented
@@ -260,7 +275,8 @@ class Signature(dict[str, Any]):
 
     def __repr__(self) -> str:
         args = ", ".join(
-            [saferepr(a) for a in self.args] + [f"{k}={saferepr(v)}" for k, v in self.kwargs.items()]
+            [saferepr(a) for a in self.args]
+            + [f"{k}={saferepr(v)}" for k, v in self.kwargs.items()]
         )
         return f"{self.task}({args}){'!' if self.immutable else ''}"
 
@@ -291,7 +307,7 @@ def signature(varies: Any, *args: Any, **kwargs: Any) -> Signature:
         return varies
     if isinstance(varies, Mapping):
         return Signature.from_dict(varies, app=app)
-    return Signature(varies, *args, app=app, **kwargs)
+    return Signature(varies, *args, app=app, **kwargs)  # type: ignore[misc]
 
 
 subtask = maybe_signature = signature
@@ -305,7 +321,7 @@ def _sigs(tasks: Iterable[Any], app: Celery | None) -> list[Signature]:
 
 
 @_register("chain")
-class chain(Signature):  # noqa: N801 - Celery's public name
+class chain(Signature):
     """Run tasks one after another, each result prepended to the next one's args."""
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
@@ -317,7 +333,9 @@ class chain(Signature):  # noqa: N801 - Celery's public name
                 flat.extend(t.tasks)
             else:
                 flat.append(t)
-        super().__init__("celery.chain", (), {"tasks": flat}, options, subtask_type="chain", app=app)
+        super().__init__(
+            "celery.chain", (), {"tasks": flat}, options, subtask_type="chain", app=app
+        )
 
     @property
     def tasks(self) -> list[Signature]:
@@ -334,12 +352,17 @@ class chain(Signature):  # noqa: N801 - Celery's public name
             sig.args = tuple(d["args"])
         return sig
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, Signature):
             return chain(*self.tasks, other, app=self._app_ref, **self.options)
         return NotImplemented
 
-    def clone(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **opts: Any) -> Signature:
+    def clone(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
+    ) -> Signature:
         sig = chain(*[t.clone() for t in self.tasks], app=self._app_ref, **{**self.options, **opts})
         if args:
             sig.args = tuple(args) + self.args
@@ -378,7 +401,12 @@ class chain(Signature):  # noqa: N801 - Celery's public name
         _, results = self.freeze_steps()
         return results[-1]
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         if not self.tasks:
             raise ValueError("cannot apply an empty chain")
         if self.app.conf.task_always_eager:
@@ -388,14 +416,23 @@ class chain(Signature):  # noqa: N801 - Celery's public name
         for key in ("link", "link_error"):
             if key in self.options:
                 steps[-1].options.setdefault(key, []).extend(self.options[key])
-        extra = {k: v for k, v in {**self.options, **options}.items() if k not in ("link", "link_error", "task_id")}
+        extra = {
+            k: v
+            for k, v in {**self.options, **options}.items()
+            if k not in ("link", "link_error", "task_id")
+        }
         a = tuple(args or ()) + self.args
         if rest:
             extra["chain"] = [dict(s) for s in reversed(rest)]
         first.apply_async(a, kwargs, **extra)
         return results[-1]
 
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         res: Any = None
         last: Any = None
         for i, step in enumerate(self._steps()):
@@ -414,7 +451,7 @@ class chain(Signature):  # noqa: N801 - Celery's public name
 
 
 @_register("group")
-class group(Signature):  # noqa: N801
+class group(Signature):
     """Run tasks in parallel; the GroupResult gives values back in call order."""
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
@@ -439,7 +476,12 @@ class group(Signature):  # noqa: N801
             sig.args = tuple(d["args"])
         return sig
 
-    def clone(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **opts: Any) -> Signature:
+    def clone(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
+    ) -> Signature:
         sig = group(*[t.clone() for t in self.tasks], app=self._app_ref, **{**self.options, **opts})
         if args:
             sig.args = tuple(args) + self.args
@@ -448,7 +490,7 @@ class group(Signature):  # noqa: N801
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, group):
             return chain(self, other, app=self._app_ref)
         if isinstance(other, Signature):
@@ -467,7 +509,12 @@ class group(Signature):  # noqa: N801
             results.append(t.freeze())
         return GroupResult(gid, results, app=self.app)
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
         gres = self.freeze(options.pop("task_id", None), options.pop("group_id", None))
@@ -479,7 +526,12 @@ class group(Signature):  # noqa: N801
                 t.apply_async(a, kwargs, **opts)
         return gres
 
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         from .result import GroupResult
 
         gid = str(uuid.uuid4())
@@ -494,7 +546,7 @@ class group(Signature):  # noqa: N801
 
 
 @_register("chord")
-class chord(Signature):  # noqa: N801
+class chord(Signature):
     """A group whose results, in order, are passed to a body task once all are done."""
 
     def __init__(
@@ -506,12 +558,19 @@ class chord(Signature):  # noqa: N801
         app: Celery | None = None,
         **options: Any,
     ) -> None:
-        tasks = header.tasks if isinstance(header, group) else _sigs(header, app)
+        if isinstance(header, Mapping):  # a group, its JSON form, or one signature
+            header = signature(header, app=app)
+            tasks = header.tasks if isinstance(header, group) else [header]
+        else:
+            tasks = _sigs(header, app)
         super().__init__(
             "celery.chord",
             args,
-            {"header": group(*tasks, app=app), "body": signature(body, app=app) if body is not None else None,
-             **(kwargs or {})},
+            {
+                "header": group(*tasks, app=app),
+                "body": signature(body, app=app) if body is not None else None,
+                **(kwargs or {}),
+            },
             options,
             subtask_type="chord",
             app=app,
@@ -527,7 +586,7 @@ class chord(Signature):  # noqa: N801
         if not isinstance(h, group):
             h = group.from_dict(h, app=self._app_ref)
             self.kwargs["header"] = h
-        return h  # type: ignore[return-value]
+        return cast(group, h)
 
     @property
     def body(self) -> Signature:
@@ -541,28 +600,45 @@ class chord(Signature):  # noqa: N801
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> Signature:
         kw = dict(d.get("kwargs") or {})
-        sig = chord(kw.pop("header", []), kw.pop("body", None), d.get("args"), kw, app=app,
-                    **dict(d.get("options") or {}))
+        sig = chord(
+            kw.pop("header", []),
+            kw.pop("body", None),
+            d.get("args"),
+            kw,
+            app=app,
+            **dict(d.get("options") or {}),
+        )
         sig.immutable = bool(d.get("immutable"))
         return sig
 
-    def clone(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **opts: Any) -> Signature:
+    def clone(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
+    ) -> Signature:
         body = self.kwargs.get("body")
         return chord(
             [t.clone() for t in self.header.tasks],
             signature(body, app=self._app_ref).clone() if body is not None else None,
-            tuple(args or ()) + self.args, app=self._app_ref, **{**self.options, **opts},
+            tuple(args or ()) + self.args,
+            app=self._app_ref,
+            **{**self.options, **opts},
         )
 
     def __call__(self, body: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if body is not None and isinstance(body, Signature | Mapping) and self.kwargs.get("body") is None:
+        if (
+            body is not None
+            and isinstance(body, Signature | Mapping)
+            and self.kwargs.get("body") is None
+        ):
             self.kwargs["body"] = signature(body, app=self._app_ref)
             return self.apply_async(args, kwargs)
         if body is not None:
             args = (body, *args)
         return self.apply_async(args, kwargs)
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None, **kw: Any) -> AsyncResult:
+    def freeze(self, _id: str | None = None, group_id: str | None = None, **kw: Any) -> Any:
         body = self.body
         res = body.freeze(_id)
         gid = self.options.get("group_id") or group_id or str(uuid.uuid4())
@@ -570,7 +646,12 @@ class chord(Signature):  # noqa: N801
         res.parent = self.header.freeze(group_id=gid)
         return res
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         app = self.app
         if app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
@@ -587,18 +668,28 @@ class chord(Signature):  # noqa: N801
             return res
         body.options["chord_size"] = len(header)
         app.save_group_for_chord(gid, [t.id for t in header if t.id])
-        opts = {k: v for k, v in {**self.options, **options}.items()
-                if k not in ("task_id", "group_id", "link", "link_error", "chain")}
+        opts = {
+            k: v
+            for k, v in {**self.options, **options}.items()
+            if k not in ("task_id", "group_id", "link", "link_error", "chain")
+        }
         chain_rest = options.get("chain")
         body_dict = dict(body)
         if chain_rest:
-            body_dict = dict(chain(body, *[signature(s, app=app) for s in reversed(chain_rest)], app=app))
+            body_dict = dict(
+                chain(body, *[signature(s, app=app) for s in reversed(chain_rest)], app=app)
+            )
         with app.batch():
             for t in header:
                 t.apply_async(a, kwargs, chord=body_dict, **opts)
         return res
 
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         values = self.header.apply(tuple(args or ()) + self.args, kwargs).get()
         return self.body.apply((values,) if not self.body.immutable else ())
 
@@ -610,14 +701,24 @@ class chord(Signature):  # noqa: N801
 # -- map, starmap, chunks -----------------------------------------------------------
 
 
-class _basemap(Signature):  # noqa: N801
+class _basemap(Signature):
     _task_name = ""
     _kind = ""
 
-    def __init__(self, task: Any, it: Iterable[Any], app: Celery | None = None, **options: Any) -> None:
+    def __init__(
+        self, task: Any, it: Iterable[Any], app: Celery | None = None, **options: Any
+    ) -> None:
         super().__init__(
-            self._task_name, (), {"task": signature(task, app=app), "it": [list(x) if isinstance(x, tuple | range) else x for x in it]},
-            options, subtask_type=self._kind, immutable=True, app=app,
+            self._task_name,
+            (),
+            {
+                "task": signature(task, app=app),
+                "it": [list(x) if isinstance(x, tuple | range) else x for x in it],
+            },
+            options,
+            subtask_type=self._kind,
+            immutable=True,
+            app=app,
         )
 
     @classmethod
@@ -634,7 +735,7 @@ class _basemap(Signature):  # noqa: N801
 
 
 @_register("xmap")
-class xmap(_basemap):  # noqa: N801
+class xmap(_basemap):
     """``task.map(it)``: one message whose worker calls the task for each item."""
 
     _task_name = "celery.map"
@@ -642,7 +743,7 @@ class xmap(_basemap):  # noqa: N801
 
 
 @_register("xstarmap")
-class xstarmap(_basemap):  # noqa: N801
+class xstarmap(_basemap):
     """``task.starmap(it)``: like map, each item unpacked as the arguments."""
 
     _task_name = "celery.starmap"
@@ -654,16 +755,22 @@ class xstarmap(_basemap):  # noqa: N801
 
 
 @_register("chunks")
-class chunks(Signature):  # noqa: N801
+class chunks(Signature):
     """Split ``it`` into ``n``-sized starmap messages; results come back as a list of lists."""
 
-    def __init__(self, task: Any, it: Iterable[Any], n: int, app: Celery | None = None, **options: Any) -> None:
+    def __init__(
+        self, task: Any, it: Iterable[Any], n: int, app: Celery | None = None, **options: Any
+    ) -> None:
         if int(n) < 1:
             raise ValueError(f"chunks() needs a chunk size >= 1, got {n!r}")
         super().__init__(
-            "celery.chunks", (),
+            "celery.chunks",
+            (),
             {"task": signature(task, app=app), "it": [list(x) for x in it], "n": int(n)},
-            options, subtask_type="chunks", immutable=True, app=app,
+            options,
+            subtask_type="chunks",
+            immutable=True,
+            app=app,
         )
 
     @classmethod
@@ -676,15 +783,29 @@ class chunks(Signature):  # noqa: N801
         it = iter(self.kwargs["it"])
         n = self.kwargs["n"]
         parts = iter(lambda: list(itertools.islice(it, n)), [])
-        return group((xstarmap(task, part, app=self._app_ref) for part in parts), app=self._app_ref, **self.options)
+        return group(
+            (xstarmap(task, part, app=self._app_ref) for part in parts),
+            app=self._app_ref,
+            **self.options,
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async()
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         return self.group().apply_async(None, None, **options)
 
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         return self.group().apply(None, None, **options)
 
     def __repr__(self) -> str:

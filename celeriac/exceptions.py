@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 
@@ -24,7 +25,7 @@ class QueueNotFound(CeleriacError, KeyError):
     """task_create_missing_queues is off and a route names an unknown queue."""
 
 
-class TimeoutError(CeleriacError, TimeoutError):  # noqa: A001 - Celery's public name
+class TimeoutError(CeleriacError, builtins.TimeoutError):
     """A result did not become ready within the timeout."""
 
 

@@ -156,12 +156,16 @@ def decode_body(
         body = decompress(body, str(env.headers["compression"]))
     decoded = loads(body, env.content_type, accept)
     if isinstance(decoded, dict) and "task" in decoded:  # protocol v1
-        return list(decoded.get("args") or ()), dict(decoded.get("kwargs") or {}), {
-            "callbacks": decoded.get("callbacks"),
-            "errbacks": decoded.get("errbacks"),
-            "chain": None,
-            "chord": decoded.get("chord"),
-        }
+        return (
+            list(decoded.get("args") or ()),
+            dict(decoded.get("kwargs") or {}),
+            {
+                "callbacks": decoded.get("callbacks"),
+                "errbacks": decoded.get("errbacks"),
+                "chain": None,
+                "chord": decoded.get("chord"),
+            },
+        )
     if not isinstance(decoded, list | tuple) or len(decoded) != 3:
         raise InvalidTaskError("task body is not a [args, kwargs, embed] triple")
     args, kwargs, embed = decoded

@@ -79,7 +79,7 @@ class AsyncResult:
 
     def __init__(
         self,
-        id: str,  # noqa: A002 - Celery's name
+        id: str,
         backend: Any = None,
         task_name: str | None = None,
         app: Celery | None = None,
@@ -190,8 +190,12 @@ class AsyncResult:
         if disable_sync_subtasks:
             _assert_may_block()
         return self.app.portal.run(
-            self.aget(timeout=timeout, propagate=propagate, follow_parents=follow_parents,
-                      disable_sync_subtasks=False)
+            self.aget(
+                timeout=timeout,
+                propagate=propagate,
+                follow_parents=follow_parents,
+                disable_sync_subtasks=False,
+            )
         )
 
     wait = get
@@ -209,7 +213,8 @@ class AsyncResult:
         meta = self._meta if self._meta is not None and self._meta.ready else None
         if meta is None:
             try:
-                async for meta in self.app.await_results([self.id], timeout=timeout):
+                async for found in self.app.await_results([self.id], timeout=timeout):
+                    meta = found
                     break
             except builtins.TimeoutError:
                 raise CeleriacTimeout("The operation timed out.") from None
@@ -246,8 +251,14 @@ class AsyncResult:
         self._meta = None
         self.app.portal.run(self.app.aforget(self.id))
 
-    def revoke(self, connection: Any = None, terminate: bool = False, signal: str = "SIGTERM",
-               wait: bool = False, timeout: float | None = None) -> None:
+    def revoke(
+        self,
+        connection: Any = None,
+        terminate: bool = False,
+        signal: str = "SIGTERM",
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> None:
         self.app.control.revoke(self.id, terminate=terminate, signal=signal)
 
     def then(self, callback: Any) -> None:
@@ -257,8 +268,15 @@ class AsyncResult:
 class EagerResult(AsyncResult):
     """The result of ``apply()``/``task_always_eager``: already computed, no backend."""
 
-    def __init__(self, id: str, value: Any, state: str, traceback: str | None = None,  # noqa: A002
-                 app: Celery | None = None, task_name: str | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        value: Any,
+        state: str,
+        traceback: str | None = None,
+        app: Celery | None = None,
+        task_name: str | None = None,
+    ) -> None:
         super().__init__(id, app=app, task_name=task_name)
         result = value
         if isinstance(value, BaseException):
@@ -275,16 +293,20 @@ class EagerResult(AsyncResult):
     async def _afetch(self) -> ResultMeta:
         return self._fetch()
 
-    def get(self, timeout: float | None = None, propagate: bool = True, **kw: Any) -> Any:
+    def get(self, timeout: float | None = None, propagate: bool = True, **kw: Any) -> Any:  # type: ignore[override]
         meta = self._fetch()
         if meta.status in states.PROPAGATE_STATES:
-            exc = self._value_obj if isinstance(self._value_obj, BaseException) else self._exception(meta)
+            exc = (
+                self._value_obj
+                if isinstance(self._value_obj, BaseException)
+                else self._exception(meta)
+            )
             if propagate:
                 raise exc
             return exc
         return meta.result
 
-    async def aget(self, timeout: float | None = None, propagate: bool = True, **kw: Any) -> Any:
+    async def aget(self, timeout: float | None = None, propagate: bool = True, **kw: Any) -> Any:  # type: ignore[override]
         return self.get(timeout, propagate)
 
     @property
@@ -304,7 +326,9 @@ class EagerResult(AsyncResult):
 class ResultSet:
     """A list of results waited on together; values come back in list order."""
 
-    def __init__(self, results: Sequence[AsyncResult], app: Celery | None = None, **kw: Any) -> None:
+    def __init__(
+        self, results: Sequence[AsyncResult], app: Celery | None = None, **kw: Any
+    ) -> None:
         from .app import current_app
 
         self.results = list(results)
@@ -349,18 +373,32 @@ class ResultSet:
         for r in self.results:
             r.forget()
 
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
-            callback: Any = None, no_ack: bool = True, on_message: Any = None,
-            disable_sync_subtasks: bool = True, **kw: Any) -> list[Any]:
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        callback: Any = None,
+        no_ack: bool = True,
+        on_message: Any = None,
+        disable_sync_subtasks: bool = True,
+        **kw: Any,
+    ) -> list[Any]:
         if disable_sync_subtasks:
             _assert_may_block()
-        return self.app.portal.run(self.aget(timeout=timeout, propagate=propagate,
-                                             disable_sync_subtasks=False))
+        return self.app.portal.run(
+            self.aget(timeout=timeout, propagate=propagate, disable_sync_subtasks=False)
+        )
 
     join = get
 
-    async def aget(self, timeout: float | None = None, propagate: bool = True,
-                   disable_sync_subtasks: bool = True, **kw: Any) -> list[Any]:
+    async def aget(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        disable_sync_subtasks: bool = True,
+        **kw: Any,
+    ) -> list[Any]:
         if disable_sync_subtasks:
             _assert_may_block()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -380,8 +418,9 @@ class ResultSet:
         for r in self.results:
             if isinstance(r, ResultSet):
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                values.append(await r.aget(timeout=left, propagate=propagate,
-                                           disable_sync_subtasks=False))
+                values.append(
+                    await r.aget(timeout=left, propagate=propagate, disable_sync_subtasks=False)
+                )
             else:
                 assert r._meta is not None
                 values.append(r._value(r._meta, propagate))
@@ -396,8 +435,14 @@ class ResultSet:
 class GroupResult(ResultSet):
     """The results of a group, with the group's id; can be saved and restored."""
 
-    def __init__(self, id: str | None = None, results: Sequence[AsyncResult] | None = None,  # noqa: A002
-                 parent: Any = None, app: Celery | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        id: str | None = None,
+        results: Sequence[AsyncResult] | None = None,
+        parent: Any = None,
+        app: Celery | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(results or [], app=app)
         self.id = id
         self.parent = parent
@@ -420,7 +465,7 @@ class GroupResult(ResultSet):
         self.app.portal.run(self.app.aforget_group(self.id))
 
     @classmethod
-    def restore(cls, id: str, backend: Any = None, app: Celery | None = None) -> GroupResult | None:  # noqa: A002
+    def restore(cls, id: str, backend: Any = None, app: Celery | None = None) -> GroupResult | None:
         from .app import current_app
 
         app = app or current_app()
@@ -446,5 +491,7 @@ def result_from_tuple(r: Any, app: Celery | None = None) -> Any:
     (rid, parent), nodes = r
     parent_res = result_from_tuple(parent, app) if parent else None
     if nodes is not None:
-        return GroupResult(rid, [result_from_tuple(n, app) for n in nodes], parent=parent_res, app=app)
+        return GroupResult(
+            rid, [result_from_tuple(n, app) for n in nodes], parent=parent_res, app=app
+        )
     return AsyncResult(rid, app=app, parent=parent_res)

@@ -118,7 +118,8 @@ def json_dumps(obj: Any) -> bytes:
 def json_loads(data: bytes | str) -> Any:
     obj = orjson.loads(data)
     # Walking the tree is only needed when an envelope may be inside.
-    if (b'"__type__"' if isinstance(data, bytes) else '"__type__"') in data:
+    marker = b'"__type__"' if isinstance(data, bytes) else '"__type__"'
+    if marker in data:  # type: ignore[operator]
         return _revive(obj)
     return obj
 
@@ -143,7 +144,9 @@ try:
     def _msgpack_loads(data: bytes) -> Any:
         return _revive(msgpack.unpackb(data, raw=False))
 
-    register_serializer("msgpack", _msgpack_dumps, _msgpack_loads, "application/x-msgpack", "binary")
+    register_serializer(
+        "msgpack", _msgpack_dumps, _msgpack_loads, "application/x-msgpack", "binary"
+    )
 except ImportError:  # pragma: no cover - msgpack is optional
     pass
 

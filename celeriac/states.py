@@ -32,7 +32,7 @@ def precedence(state: str) -> int:
         return _PRECEDENCE.index(PENDING)
 
 
-class state(str):  # noqa: N801 - Celery's public name
+class state(str):
     """A state name that compares by precedence: ``state(SUCCESS) > state(PENDING)``."""
 
     def __gt__(self, other: object) -> bool:

@@ -188,7 +188,8 @@ class Task(Generic[P, R]):
         self.check_arguments(args, kwargs)
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
-        return self.app.send_task(self.name, args, kwargs, _task=self, **options)
+        result: AsyncResult = self.app.send_task(self.name, args, kwargs, _task=self, **options)
+        return result
 
     async def aapply_async(
         self,
@@ -200,7 +201,10 @@ class Task(Generic[P, R]):
         self.check_arguments(args, kwargs)
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
-        return await self.app.asend_task(self.name, args, kwargs, _task=self, **options)
+        sent: AsyncResult = await self.app.asend_task(
+            self.name, args, kwargs, _task=self, **options
+        )
+        return sent
 
     def apply(
         self,
@@ -216,8 +220,11 @@ class Task(Generic[P, R]):
     # -- signatures ---------------------------------------------------------
 
     def signature(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
-        *starargs: Any, **options: Any,
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *starargs: Any,
+        **options: Any,
     ) -> Signature:
         from .canvas import Signature
 
@@ -248,7 +255,7 @@ class Task(Generic[P, R]):
 
         return chunks(self.s(), it, n, app=self.app)
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult:  # noqa: N802
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult:
         from .result import AsyncResult
 
         return AsyncResult(task_id, app=self.app, task_name=self.name, **kwargs)
@@ -314,9 +321,9 @@ class Task(Generic[P, R]):
     def backoff_delay(self, retries: int) -> float:
         """Celery's exponential backoff: factor * 2**retries, capped, maybe jittered."""
         factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
-        delay = min(factor * (2**retries), float(self.retry_backoff_max))
+        delay = min(factor * float(2**retries), float(self.retry_backoff_max))
         if self.retry_jitter:
-            delay = random.randrange(int(delay) + 1)
+            delay = float(random.randrange(int(delay) + 1))
         return delay
 
     def update_state(

@@ -109,7 +109,9 @@ class ResultBackend:
     async def forget(self, task_id: str) -> None:
         raise NotImplementedError
 
-    async def save_group(self, group_id: str, task_ids: Sequence[str], *, ttl: float | None) -> None:
+    async def save_group(
+        self, group_id: str, task_ids: Sequence[str], *, ttl: float | None
+    ) -> None:
         raise NotImplementedError
 
     async def load_group(self, group_id: str) -> list[str] | None:
@@ -185,7 +187,7 @@ class KeyValueBackend(ResultBackend):
                 out[tid] = meta
         return out
 
-    async def wait(  # type: ignore[override]
+    async def wait(
         self, task_ids: Sequence[str], *, timeout: float | None
     ) -> AsyncIterator[ResultMeta]:
         pending = list(dict.fromkeys(task_ids))
@@ -228,7 +230,9 @@ class KeyValueBackend(ResultBackend):
     async def forget(self, task_id: str) -> None:
         await self._delete(TASK_PREFIX + task_id)
 
-    async def save_group(self, group_id: str, task_ids: Sequence[str], *, ttl: float | None) -> None:
+    async def save_group(
+        self, group_id: str, task_ids: Sequence[str], *, ttl: float | None
+    ) -> None:
         doc = {"result": [[group_id, None], [[[t, None], None] for t in task_ids]]}
         await self._set(GROUP_PREFIX + group_id, self.encode(doc), ttl)
 

@@ -84,11 +84,17 @@ class RequestInfo:
     def as_dict(self) -> dict[str, Any]:
         h = self.headers
         return {
-            "id": self.job.task_id, "name": self.job.name, "args": h.get("argsrepr"),
-            "kwargs": h.get("kwargsrepr"), "type": self.job.name, "hostname": self.job.hostname,
-            "time_start": self.time_start, "acknowledged": self.acknowledged,
+            "id": self.job.task_id,
+            "name": self.job.name,
+            "args": h.get("argsrepr"),
+            "kwargs": h.get("kwargsrepr"),
+            "type": self.job.name,
+            "hostname": self.job.hostname,
+            "time_start": self.time_start,
+            "acknowledged": self.acknowledged,
             "delivery_info": {
-                "exchange": self.delivery.exchange, "routing_key": self.delivery.routing_key,
+                "exchange": self.delivery.exchange,
+                "routing_key": self.delivery.routing_key,
                 "priority": self.delivery.envelope.priority,
                 "redelivered": self.delivery.redelivered,
             },
@@ -99,9 +105,17 @@ class RequestInfo:
 class MessageHandler:
     """Turns deliveries into pool jobs and settles their outcomes."""
 
-    def __init__(self, app: Celery, conns: Connections, consumer: Consumer, pool: Pool,
-                 hostname: str, accept: frozenset[str], revoked: set[str],
-                 on_event: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        conns: Connections,
+        consumer: Consumer,
+        pool: Pool,
+        hostname: str,
+        accept: frozenset[str],
+        revoked: set[str],
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
         self.app = app
         self.conns = conns
         self.consumer = consumer
@@ -142,8 +156,11 @@ class MessageHandler:
         env = delivery.envelope
         if env.content_type not in self.accept:
             await self._dead_letter(
-                delivery, f"Refusing message of content type {env.content_type!r} "
-                f"(accept_content allows {sorted(self.accept)})", acked=False)
+                delivery,
+                f"Refusing message of content type {env.content_type!r} "
+                f"(accept_content allows {sorted(self.accept)})",
+                acked=False,
+            )
             return
         if "task" not in env.headers:
             try:
@@ -156,8 +173,11 @@ class MessageHandler:
         task = self.app.tasks.get(name)
         if task is None:
             await self._dead_letter(
-                delivery, f"Received unregistered task of type {name!r}. "
-                "Did you import the module that defines it (include= or -A)?", acked=False)
+                delivery,
+                f"Received unregistered task of type {name!r}. "
+                "Did you import the module that defines it (include= or -A)?",
+                acked=False,
+            )
             return
         try:
             eta = parse_iso(h.get("eta"))
@@ -169,35 +189,68 @@ class MessageHandler:
         if task_id in self.revoked or (expires is not None and expires < now):
             why = "revoked" if task_id in self.revoked else "expired"
             logger.info("Discarding %s task: %s[%s]", why, name, task_id)
-            await self._store(ResultMeta(task_id, states.REVOKED,
-                                         exception_to_dict(TaskRevokedError(why)),
-                                         date_done=now_iso()))
+            await self._store(
+                ResultMeta(
+                    task_id,
+                    states.REVOKED,
+                    exception_to_dict(TaskRevokedError(why)),
+                    date_done=now_iso(),
+                )
+            )
             await self.consumer.ack(delivery)
             return
         if eta is not None and eta.timestamp() > time.time() + 0.05:
             # Arrived early (a Celery client sends ETA tasks at once): park it in the
             # broker until due, so it is never held unacked in worker memory.
             await self.conns.transport.publish(
-                Outgoing(env, "", delivery.queue, not_before=eta.timestamp()))
+                Outgoing(env, "", delivery.queue, not_before=eta.timestamp())
+            )
             await self.consumer.ack(delivery)
             return
         limits = h.get("timelimit") or (None, None)
-        hard = limits[0] if limits[0] is not None else (task.time_limit or self.app.conf.task_time_limit)
-        soft = limits[1] if len(limits) > 1 and limits[1] is not None else (
-            task.soft_time_limit or self.app.conf.task_soft_time_limit)
-        job = Job(task_id=task_id, name=name, body=env.body, content_type=env.content_type,
-                  content_encoding=env.content_encoding, headers=dict(h),
-                  delivery_info={"exchange": delivery.exchange, "routing_key": delivery.routing_key,
-                                 "priority": env.priority, "redelivered": delivery.redelivered},
-                  hostname=self.hostname, soft_time_limit=soft, time_limit=hard,
-                  is_async=task.is_async)
+        hard = (
+            limits[0]
+            if limits[0] is not None
+            else (task.time_limit or self.app.conf.task_time_limit)
+        )
+        soft = (
+            limits[1]
+            if len(limits) > 1 and limits[1] is not None
+            else (task.soft_time_limit or self.app.conf.task_soft_time_limit)
+        )
+        job = Job(
+            task_id=task_id,
+            name=name,
+            body=env.body,
+            content_type=env.content_type,
+            content_encoding=env.content_encoding,
+            headers=dict(h),
+            delivery_info={
+                "exchange": delivery.exchange,
+                "routing_key": delivery.routing_key,
+                "priority": env.priority,
+                "redelivered": delivery.redelivered,
+            },
+            hostname=self.hostname,
+            soft_time_limit=soft,
+            time_limit=hard,
+            is_async=task.is_async,
+        )
         info = RequestInfo(delivery, job)
         self.reserved[task_id] = info
         logger.info("Task %s[%s] received", name, task_id)
-        self.on_event("task-received", uuid=task_id, name=name, args=h.get("argsrepr"),
-                      kwargs=h.get("kwargsrepr"), root_id=h.get("root_id"),
-                      parent_id=h.get("parent_id"), retries=h.get("retries"),
-                      eta=h.get("eta"), expires=h.get("expires"))
+        self.on_event(
+            "task-received",
+            uuid=task_id,
+            name=name,
+            args=h.get("argsrepr"),
+            kwargs=h.get("kwargsrepr"),
+            root_id=h.get("root_id"),
+            parent_id=h.get("parent_id"),
+            retries=h.get("retries"),
+            eta=h.get("eta"),
+            expires=h.get("expires"),
+        )
         try:
             await self._rate_gate(name, task.rate_limit)
             late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
@@ -208,8 +261,11 @@ class MessageHandler:
             if track is None:
                 track = self.app.conf.task_track_started
             if track:
-                await self._store(ResultMeta(task_id, states.STARTED,
-                                             {"pid": os.getpid(), "hostname": self.hostname}))
+                await self._store(
+                    ResultMeta(
+                        task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
+                    )
+                )
             if task_id in self.revoked:
                 outcome = Outcome(task_id, states.REVOKED)
             else:
@@ -243,18 +299,28 @@ class MessageHandler:
 
     # -- settle ------------------------------------------------------------------------
 
-    async def settle(self, delivery: Delivery, info: RequestInfo, outcome: Outcome,
-                     late: bool) -> None:
+    async def settle(
+        self, delivery: Delivery, info: RequestInfo, outcome: Outcome, late: bool
+    ) -> None:
         job = info.job
         backend, ttl = self.conns.backend, self.app.result_ttl()
         self.processed[job.name] = self.processed.get(job.name, 0) + 1
         if outcome.state == states.REVOKED:
             logger.info("Discarding revoked task: %s[%s]", job.name, job.task_id)
-            await self._store(ResultMeta(job.task_id, states.REVOKED,
-                                         exception_to_dict(TaskRevokedError("revoked")),
-                                         date_done=now_iso()))
-        elif outcome.state == states.REJECTED and outcome.requeue is False and outcome.exc_repr \
-                and not outcome.worker_pid:
+            await self._store(
+                ResultMeta(
+                    job.task_id,
+                    states.REVOKED,
+                    exception_to_dict(TaskRevokedError("revoked")),
+                    date_done=now_iso(),
+                )
+            )
+        elif (
+            outcome.state == states.REJECTED
+            and outcome.requeue is False
+            and outcome.exc_repr
+            and not outcome.worker_pid
+        ):
             await self._dead_letter(delivery, outcome.exc_repr, acked=info.acknowledged)
             return
         if backend.persistent:
@@ -272,8 +338,9 @@ class MessageHandler:
         if outcome.ack:
             await self.consumer.ack(delivery)
         else:
-            await self.consumer.reject(delivery, requeue=bool(outcome.requeue),
-                                       reason=outcome.exc_repr or outcome.state)
+            await self.consumer.reject(
+                delivery, requeue=bool(outcome.requeue), reason=outcome.exc_repr or outcome.state
+            )
 
     async def _join_chord(self, job: Job, outcome: Outcome) -> None:
         join = outcome.chord
@@ -285,16 +352,22 @@ class MessageHandler:
         ids = await backend.load_group(join.group_id) or []
         metas = await backend.get_many(ids)
         body = signature(join.body, app=self.app)
-        failed = next((i for i in ids if metas.get(i) is None
-                       or metas[i].status in states.PROPAGATE_STATES), None)
+        failed = next(
+            (i for i in ids if metas.get(i) is None or metas[i].status in states.PROPAGATE_STATES),
+            None,
+        )
         if failed is not None:
             meta = metas.get(failed)
             exc = chord_error(failed, meta.result if meta else "result missing")
             logger.error("Chord %s failed: %s", join.group_id, exc)
             body_id = body.options.get("task_id")
             if body_id:
-                await backend.store(ResultMeta(body_id, states.FAILURE, exception_to_dict(exc),
-                                               date_done=now_iso()), ttl=ttl)
+                await backend.store(
+                    ResultMeta(
+                        body_id, states.FAILURE, exception_to_dict(exc), date_done=now_iso()
+                    ),
+                    ttl=ttl,
+                )
             with self.app.collecting() as sent:
                 for eb in body.options.get("link_error") or ():
                     errback = signature(eb, app=self.app)
@@ -309,22 +382,49 @@ class MessageHandler:
     def _log(self, job: Job, outcome: Outcome) -> None:
         state = outcome.state
         if state == states.SUCCESS:
-            logger.info("Task %s[%s] succeeded in %.6fs: %s", job.name, job.task_id,
-                        outcome.runtime, outcome.retval_repr)
-            self.on_event("task-succeeded", uuid=job.task_id, result=outcome.retval_repr,
-                          runtime=outcome.runtime)
+            logger.info(
+                "Task %s[%s] succeeded in %.6fs: %s",
+                job.name,
+                job.task_id,
+                outcome.runtime,
+                outcome.retval_repr,
+            )
+            self.on_event(
+                "task-succeeded",
+                uuid=job.task_id,
+                result=outcome.retval_repr,
+                runtime=outcome.runtime,
+            )
         elif state == states.FAILURE:
-            logger.error("Task %s[%s] raised unexpected: %s\n%s", job.name, job.task_id,
-                         outcome.exc_repr, outcome.traceback or "")
-            self.on_event("task-failed", uuid=job.task_id, exception=outcome.exc_repr,
-                          traceback=outcome.traceback)
+            logger.error(
+                "Task %s[%s] raised unexpected: %s\n%s",
+                job.name,
+                job.task_id,
+                outcome.exc_repr,
+                outcome.traceback or "",
+            )
+            self.on_event(
+                "task-failed",
+                uuid=job.task_id,
+                exception=outcome.exc_repr,
+                traceback=outcome.traceback,
+            )
         elif state == states.RETRY:
             logger.info("Task %s[%s] retry: %s", job.name, job.task_id, outcome.exc_repr)
-            self.on_event("task-retried", uuid=job.task_id, exception=outcome.exc_repr,
-                          traceback=outcome.traceback)
+            self.on_event(
+                "task-retried",
+                uuid=job.task_id,
+                exception=outcome.exc_repr,
+                traceback=outcome.traceback,
+            )
         elif state == states.REJECTED:
-            logger.warning("Task %s[%s] rejected (requeue=%s): %s", job.name, job.task_id,
-                           outcome.requeue, outcome.exc_repr)
+            logger.warning(
+                "Task %s[%s] rejected (requeue=%s): %s",
+                job.name,
+                job.task_id,
+                outcome.requeue,
+                outcome.exc_repr,
+            )
             self.on_event("task-rejected", uuid=job.task_id, requeue=bool(outcome.requeue))
         elif state == states.IGNORED:
             logger.info("Task %s[%s] ignored", job.name, job.task_id)

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from ..task import Task
 
 
-def apply_eagerly(task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
-                  options: Mapping[str, Any]) -> EagerResult:
+def apply_eagerly(
+    task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any]
+) -> EagerResult:
     """Run ``task`` with a request context; retries run again at once, as in Celery."""
     from ..canvas import signature
     from ..result import EagerResult
@@ -29,10 +30,19 @@ def apply_eagerly(task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str
     if throw is None:
         throw = task.app.conf.task_eager_propagates
     while True:
-        ctx = Context(id=task_id, task=task.name, args=tuple(args), kwargs=dict(kwargs),
-                      retries=retries, is_eager=True, root_id=task_id, hostname="eager",
-                      delivery_info={"is_eager": True}, callbacks=options.get("link"),
-                      errbacks=options.get("link_error"))
+        ctx = Context(
+            id=task_id,
+            task=task.name,
+            args=tuple(args),
+            kwargs=dict(kwargs),
+            retries=retries,
+            is_eager=True,
+            root_id=task_id,
+            hostname="eager",
+            delivery_info={"is_eager": True},
+            callbacks=options.get("link"),
+            errbacks=options.get("link_error"),
+        )
         token = push(task, ctx)
         try:
             value = task.run(*args, **kwargs)
@@ -44,8 +54,13 @@ def apply_eagerly(task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str
                 args, kwargs = exc.sig.args, exc.sig.kwargs
             continue
         except (Ignore, Reject) as exc:
-            return EagerResult(task_id, exc, states.IGNORED if isinstance(exc, Ignore)
-                               else states.REJECTED, app=task.app, task_name=task.name)
+            return EagerResult(
+                task_id,
+                exc,
+                states.IGNORED if isinstance(exc, Ignore) else states.REJECTED,
+                app=task.app,
+                task_name=task.name,
+            )
         except Exception as exc:
             if task.autoretry_for and isinstance(exc, task.autoretry_for):
                 limit = task.max_retries
@@ -57,8 +72,9 @@ def apply_eagerly(task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str
             trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
             for eb in options.get("link_error") or ():
                 signature(eb, app=task.app).apply((task_id,))
-            return EagerResult(task_id, exc, states.FAILURE, trace, app=task.app,
-                               task_name=task.name)
+            return EagerResult(
+                task_id, exc, states.FAILURE, trace, app=task.app, task_name=task.name
+            )
         finally:
             pop(token)
         for cb in options.get("link") or ():

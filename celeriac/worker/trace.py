@@ -115,37 +115,65 @@ class Tracer:
 
     # -- pieces --------------------------------------------------------------------
 
-    def _prepare(self, job: Job) -> tuple[Task[..., Any], list[Any], dict[str, Any], Context] | Outcome:
+    def _prepare(
+        self, job: Job
+    ) -> tuple[Task[..., Any], list[Any], dict[str, Any], Context] | Outcome:
         task = self.app.tasks.get(job.name)
         if task is None:
-            return Outcome(job.task_id, states.REJECTED, ack=False, requeue=False,
-                           exc_repr=f"Received unregistered task of type {job.name!r}")
+            return Outcome(
+                job.task_id,
+                states.REJECTED,
+                ack=False,
+                requeue=False,
+                exc_repr=f"Received unregistered task of type {job.name!r}",
+            )
         try:
             args, kwargs, embed = decode_body(_envelope(job), self.accept)
         except Exception as exc:
-            return Outcome(job.task_id, states.REJECTED, ack=False, requeue=False,
-                           exc_repr=f"Cannot decode message body: {exc}")
+            return Outcome(
+                job.task_id,
+                states.REJECTED,
+                ack=False,
+                requeue=False,
+                exc_repr=f"Cannot decode message body: {exc}",
+            )
         return task, args, kwargs, self._context(job, args, kwargs, embed)
 
-    def _context(self, job: Job, args: list[Any], kwargs: dict[str, Any],
-                 embed: Mapping[str, Any]) -> Context:
+    def _context(
+        self, job: Job, args: list[Any], kwargs: dict[str, Any], embed: Mapping[str, Any]
+    ) -> Context:
         h = job.headers
         return Context(
-            id=job.task_id, task=job.name, args=args, kwargs=kwargs,
-            retries=int(h.get("retries") or 0), hostname=self.hostname,
-            delivery_info=job.delivery_info, root_id=h.get("root_id"),
-            parent_id=h.get("parent_id"), group=h.get("group"),
-            group_index=h.get("group_index"), eta=h.get("eta"), expires=h.get("expires"),
-            is_eager=False, callbacks=embed.get("callbacks"), errbacks=embed.get("errbacks"),
-            chain=embed.get("chain"), chord=embed.get("chord"),
-            correlation_id=job.task_id, reply_to=h.get("reply_to"), origin=h.get("origin"),
+            id=job.task_id,
+            task=job.name,
+            args=args,
+            kwargs=kwargs,
+            retries=int(h.get("retries") or 0),
+            hostname=self.hostname,
+            delivery_info=job.delivery_info,
+            root_id=h.get("root_id"),
+            parent_id=h.get("parent_id"),
+            group=h.get("group"),
+            group_index=h.get("group_index"),
+            eta=h.get("eta"),
+            expires=h.get("expires"),
+            is_eager=False,
+            callbacks=embed.get("callbacks"),
+            errbacks=embed.get("errbacks"),
+            chain=embed.get("chain"),
+            chord=embed.get("chord"),
+            correlation_id=job.task_id,
+            reply_to=h.get("reply_to"),
+            origin=h.get("origin"),
             timelimit=h.get("timelimit") or (None, None),
-            ignore_result=bool(h.get("ignore_result")), headers=h,
+            ignore_result=bool(h.get("ignore_result")),
+            headers=h,
             priority=job.delivery_info.get("priority"),
         )
 
-    async def _call_async(self, task: Task[..., Any], args: list[Any], kwargs: dict[str, Any],
-                          job: Job) -> Any:
+    async def _call_async(
+        self, task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], job: Job
+    ) -> Any:
         coro = task.run(*args, **kwargs)
         if not inspect.isawaitable(coro):
             return coro
@@ -183,30 +211,45 @@ class Tracer:
 
     def _meta(self, job: Job, status: str, result: Any, trace: str | None = None) -> bytes:
         doc: dict[str, Any] = {
-            "status": status, "result": result, "traceback": trace, "children": [],
-            "date_done": _now_iso(), "task_id": job.task_id,
+            "status": status,
+            "result": result,
+            "traceback": trace,
+            "children": [],
+            "date_done": _now_iso(),
+            "task_id": job.task_id,
         }
         if job.headers.get("group"):
             doc["group_id"] = job.headers["group"]
         if job.headers.get("parent_id"):
             doc["parent_id"] = job.headers["parent_id"]
         if self.app.conf.result_extended:
-            doc.update(name=job.name, args=job.headers.get("argsrepr"),
-                       kwargs=job.headers.get("kwargsrepr"), worker=self.hostname,
-                       retries=job.headers.get("retries"),
-                       queue=job.delivery_info.get("routing_key"))
+            doc.update(
+                name=job.name,
+                args=job.headers.get("argsrepr"),
+                kwargs=job.headers.get("kwargsrepr"),
+                worker=self.hostname,
+                retries=job.headers.get("retries"),
+                queue=job.delivery_info.get("routing_key"),
+            )
         return self._result_codec.encode(doc)
 
-    def _succeeded(self, job: Job, task: Task[..., Any], ctx: Context, retval: Any,
-                   start: float) -> Outcome:
+    def _succeeded(
+        self, job: Job, task: Task[..., Any], ctx: Context, retval: Any, start: float
+    ) -> Outcome:
         runtime = time.monotonic() - start
         try:
             meta = None if self._ignored(job, task) else self._meta(job, states.SUCCESS, retval)
         except Exception as exc:
             err = TypeError(f"Result of {job.name} cannot be serialized: {exc}")
             return self._failed(job, task, ctx, err, start)
-        out = Outcome(job.task_id, states.SUCCESS, meta=meta, runtime=runtime,
-                      retval_repr=saferepr(retval), worker_pid=os.getpid())
+        out = Outcome(
+            job.task_id,
+            states.SUCCESS,
+            meta=meta,
+            runtime=runtime,
+            retval_repr=saferepr(retval),
+            worker_pid=os.getpid(),
+        )
         try:
             with self.app.collecting() as sent:
                 for cb in ctx.callbacks or ():
@@ -217,38 +260,71 @@ class Tracer:
                     nxt = signature(rest.pop(), app=self.app)
                     nxt.apply_async(() if nxt.immutable else (retval,), chain=rest or None)
         except Exception as exc:
-            logger.exception("Task %s[%s] succeeded but its follow-ups failed", job.name, job.task_id)
+            logger.exception(
+                "Task %s[%s] succeeded but its follow-ups failed", job.name, job.task_id
+            )
             return self._failed(job, task, ctx, exc, start)
         out.follow_ups = [o for o, _ in sent]
         out.chord = self._chord(ctx, failed=False)
         return out
 
-    def _failed(self, job: Job, task: Task[..., Any] | None, ctx: Context, exc: BaseException,
-                start: float, run_errbacks: bool = True) -> Outcome:
+    def _failed(
+        self,
+        job: Job,
+        task: Task[..., Any] | None,
+        ctx: Context,
+        exc: BaseException,
+        start: float,
+        run_errbacks: bool = True,
+    ) -> Outcome:
         runtime = time.monotonic() - start
         pid = os.getpid()
         if isinstance(exc, Ignore):
             return Outcome(job.task_id, states.IGNORED, runtime=runtime, worker_pid=pid)
         if isinstance(exc, Reject):
-            return Outcome(job.task_id, states.REJECTED, runtime=runtime, worker_pid=pid,
-                           ack=False, requeue=bool(exc.requeue), exc_repr=repr(exc))
+            return Outcome(
+                job.task_id,
+                states.REJECTED,
+                runtime=runtime,
+                worker_pid=pid,
+                ack=False,
+                requeue=bool(exc.requeue),
+                exc_repr=repr(exc),
+            )
         trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
         if isinstance(exc, Retry):
             cause = exc.exc if isinstance(exc.exc, BaseException) else exc
-            out = Outcome(job.task_id, states.RETRY, runtime=runtime, worker_pid=pid,
-                          exc_repr=str(exc), traceback=trace,
-                          meta=self._meta(job, states.RETRY, exception_to_dict(cause), trace))
+            out = Outcome(
+                job.task_id,
+                states.RETRY,
+                runtime=runtime,
+                worker_pid=pid,
+                exc_repr=str(exc),
+                traceback=trace,
+                meta=self._meta(job, states.RETRY, exception_to_dict(cause), trace),
+            )
             if exc.sig is not None:
                 with self.app.collecting() as sent:
                     exc.sig.apply_async()
                 out.follow_ups = [o for o, _ in sent]
             return out
-        ignored = task is not None and self._ignored(job, task) and not (
-            task.store_errors_even_if_ignored or self.app.conf.task_store_errors_even_if_ignored)
+        ignored = (
+            task is not None
+            and self._ignored(job, task)
+            and not (
+                task.store_errors_even_if_ignored or self.app.conf.task_store_errors_even_if_ignored
+            )
+        )
         info = exception_to_dict(exc)
-        out = Outcome(job.task_id, states.FAILURE, runtime=runtime, worker_pid=pid,
-                      exc_repr=repr(exc), traceback=trace,
-                      meta=None if ignored else self._meta(job, states.FAILURE, info, trace))
+        out = Outcome(
+            job.task_id,
+            states.FAILURE,
+            runtime=runtime,
+            worker_pid=pid,
+            exc_repr=repr(exc),
+            traceback=trace,
+            meta=None if ignored else self._meta(job, states.FAILURE, info, trace),
+        )
         # The rest of a chain never runs: fail its results too, so waiting on the
         # chain's last result raises this error instead of hanging.
         for step in ctx.chain or ():
@@ -271,10 +347,16 @@ class Tracer:
         return out
 
     def _meta_for(self, task_id: str, info: Any, trace: str | None) -> bytes:
-        return self._result_codec.encode({
-            "status": states.FAILURE, "result": info, "traceback": trace, "children": [],
-            "date_done": _now_iso(), "task_id": task_id,
-        })
+        return self._result_codec.encode(
+            {
+                "status": states.FAILURE,
+                "result": info,
+                "traceback": trace,
+                "children": [],
+                "date_done": _now_iso(),
+                "task_id": task_id,
+            }
+        )
 
     @staticmethod
     def _chord(ctx: Context, failed: bool) -> ChordJoin | None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import platform
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -70,15 +72,29 @@ class _Revoked(set[str]):
 class WorkController:
     """One worker node (``celery@host``): consumes its queues and runs tasks in a pool."""
 
-    def __init__(self, app: Celery, *, hostname: str | None = None,
-                 queues: list[str] | None = None, exclude_queues: list[str] | None = None,
-                 concurrency: int | None = None, pool: str | None = None,
-                 loglevel: str = "WARNING", logfile: str | None = None,
-                 prefetch_multiplier: int | None = None, max_tasks_per_child: int | None = None,
-                 max_memory_per_child: int | None = None, task_events: bool = False,
-                 autoscale: tuple[int, int] | None = None, beat: bool = False,
-                 without_heartbeat: bool = False, heartbeat_interval: float | None = None,
-                 statedb: str | None = None, setup_logs: bool = True, **ignored: Any) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        hostname: str | None = None,
+        queues: list[str] | None = None,
+        exclude_queues: list[str] | None = None,
+        concurrency: int | None = None,
+        pool: str | None = None,
+        loglevel: str = "WARNING",
+        logfile: str | None = None,
+        prefetch_multiplier: int | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        task_events: bool = False,
+        autoscale: tuple[int, int] | None = None,
+        beat: bool = False,
+        without_heartbeat: bool = False,
+        heartbeat_interval: float | None = None,
+        statedb: str | None = None,
+        setup_logs: bool = True,
+        **ignored: Any,
+    ) -> None:
         self.app = app
         self.hostname = hostname or f"celery@{socket.gethostname()}"
         conf = app.conf
@@ -87,8 +103,11 @@ class WorkController:
         base = concurrency or conf.worker_concurrency or os.cpu_count() or 1
         self.concurrency = autoscale[0] if autoscale else int(base)
         self.min_concurrency = autoscale[1] if autoscale else int(base)
-        multiplier = prefetch_multiplier if prefetch_multiplier is not None \
+        multiplier = (
+            prefetch_multiplier
+            if prefetch_multiplier is not None
             else conf.worker_prefetch_multiplier
+        )
         self.prefetch_multiplier = int(multiplier)
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child or conf.worker_max_memory_per_child
@@ -100,6 +119,9 @@ class WorkController:
         self.revoked: set[str] = _Revoked()
         self.accept = accepted_types(conf.accept_content)
         self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Set once the worker consumes; lets an in-process worker (tests) wait for it.
+        self.ready = threading.Event()
         self._cold = False
         self._signals = 0
         self.handler: MessageHandler | None = None
@@ -118,39 +140,49 @@ class WorkController:
         self.queues = self.app.router.queues_for_worker(self.queue_names, self.exclude)
         if not self.queues:
             raise SystemExit("Error: no queues left to consume from (check -Q and -X)")
-        print(self.banner(), file=sys.stderr, flush=True)  # noqa: T201 - the banner is UI
-        try:
+        print(self.banner(), file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(self._main())
-        except KeyboardInterrupt:
-            pass
         return self.exitcode
 
     def prefetch(self) -> int:
         return self.concurrency * self.prefetch_multiplier if self.prefetch_multiplier else 0
 
     async def _main(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.app.portal.adopt(loop)
         tracer = Tracer(self.app, self.hostname, self.accept)
-        self.pool = create_pool(self.pool_kind, tracer, self.concurrency,
-                                max_tasks_per_child=self.max_tasks_per_child,
-                                max_memory_per_child=self.max_memory_per_child)
+        self.pool = create_pool(
+            self.pool_kind,
+            tracer,
+            self.concurrency,
+            max_tasks_per_child=self.max_tasks_per_child,
+            max_memory_per_child=self.max_memory_per_child,
+        )
         await self.pool.start()
         try:
             self.conns = conns = await self.app.connection_for_current_loop()
             specs = [q.to_spec() for q in self.queues]
             await conns.transport.declare(
-                specs + [q.to_spec() for q in self.app.router.declared_queues()
-                         if q.name not in {s.name for s in specs}])
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+                specs
+                + [
+                    q.to_spec()
+                    for q in self.app.router.declared_queues()
+                    if q.name not in {s.name for s in specs}
+                ]
+            )
+            if threading.current_thread() is threading.main_thread():  # else: in-process
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    loop.add_signal_handler(sig, self._on_signal, sig)
             consumer_id = f"{self.hostname}.{uuid.uuid4().hex[:8]}"
-            async with conns.transport.consumer(specs, prefetch=self.prefetch(),
-                                                consumer_id=consumer_id) as consumer:
+            async with conns.transport.consumer(
+                specs, prefetch=self.prefetch(), consumer_id=consumer_id
+            ) as consumer:
                 self.consumer = consumer
-                self.handler = MessageHandler(self.app, conns, consumer, self.pool,
-                                              self.hostname, self.accept, self.revoked)
+                self.handler = MessageHandler(
+                    self.app, conns, consumer, self.pool, self.hostname, self.accept, self.revoked
+                )
                 await self._serve(consumer)
         finally:
             await self.pool.stop(graceful=not self._cold)
@@ -164,6 +196,10 @@ class WorkController:
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(max(self.prefetch(), self.concurrency))
 
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
         async def consume() -> None:
             assert self.handler is not None
             iterator = consumer.__aiter__()
@@ -176,10 +212,11 @@ class WorkController:
                     raise
                 task = asyncio.create_task(self.handler.handle(delivery))
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                task.add_done_callback(done)
 
         await asyncio.sleep(0)
         logger.info("%s ready.", self.hostname)
+        self.ready.set()
         fetch = asyncio.create_task(consume())
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,9 +253,20 @@ class WorkController:
             self._stop.set()
 
     def shutdown(self) -> None:
+        """Start a warm shutdown; safe to call from any thread."""
         logger.warning("worker: Warm shutdown (remote control)")
-        if self._stop is not None:
-            self._stop.set()
+        loop, stop = self._loop, self._stop
+        if loop is None or stop is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            stop.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(stop.set)
 
     async def _control_loop(self) -> None:
         from .commands import dispatch
@@ -269,31 +317,50 @@ class WorkController:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         processed = dict(self.handler.processed) if self.handler else {}
         return {
-            "total": processed, "pid": os.getpid(), "clock": self._clock,
+            "total": processed,
+            "pid": os.getpid(),
+            "clock": self._clock,
             "uptime": int(time.time() - self.started),
-            "pool": {"implementation": self.pool_kind,
-                     "max-concurrency": self.pool.size if self.pool else self.concurrency,
-                     "processes": self.pool.pids() if self.pool else [],
-                     "max-tasks-per-child": self.max_tasks_per_child},
+            "pool": {
+                "implementation": self.pool_kind,
+                "max-concurrency": self.pool.size if self.pool else self.concurrency,
+                "processes": self.pool.pids() if self.pool else [],
+                "max-tasks-per-child": self.max_tasks_per_child,
+            },
             "prefetch_count": self.prefetch(),
             "broker": {"transport": self.conns.transport.describe() if self.conns else None},
-            "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime,
-                       "maxrss": usage.ru_maxrss},
-            "sw_ident": "celeriac", "sw_ver": __version__, "sw_sys": platform.system(),
+            "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss},
+            "sw_ident": "celeriac",
+            "sw_ver": __version__,
+            "sw_sys": platform.system(),
         }
 
     def active_queues(self) -> list[dict[str, Any]]:
         specs = self.consumer.queues if self.consumer else [q.to_spec() for q in self.queues]
-        return [{"name": s.name, "exchange": {"name": s.exchange, "type": s.exchange_type},
-                 "routing_key": s.routing_key, "durable": s.durable,
-                 "auto_delete": s.auto_delete, "max_priority": s.max_priority} for s in specs]
+        return [
+            {
+                "name": s.name,
+                "exchange": {"name": s.exchange, "type": s.exchange_type},
+                "routing_key": s.routing_key,
+                "durable": s.durable,
+                "auto_delete": s.auto_delete,
+                "max_priority": s.max_priority,
+            }
+            for s in specs
+        ]
 
-    async def add_consumer(self, queue: str, exchange: str | None = None,
-                           exchange_type: str = "direct", routing_key: str | None = None) -> None:
+    async def add_consumer(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        exchange_type: str = "direct",
+        routing_key: str | None = None,
+    ) -> None:
         from ..routing import Exchange, Queue
 
-        q = Queue(queue, Exchange(exchange or queue, type=exchange_type),
-                  routing_key=routing_key or queue)
+        q = Queue(
+            queue, Exchange(exchange or queue, type=exchange_type), routing_key=routing_key or queue
+        )
         assert self.consumer is not None and self.conns is not None
         await self.conns.transport.declare([q.to_spec()])
         await self.consumer.add_queue(q.to_spec())
@@ -308,8 +375,9 @@ class WorkController:
         for tid in ids:
             self.revoked.add(tid)
             if terminate and self.pool is not None:
-                signum = getattr(_signal, signal if signal.startswith("SIG") else f"SIG{signal}",
-                                 _signal.SIGTERM)
+                signum = getattr(
+                    _signal, signal if signal.startswith("SIG") else f"SIG{signal}", _signal.SIGTERM
+                )
                 self.pool.terminate(tid, int(signum))
 
     def set_rate_limit(self, task_name: str, rate: str | None) -> None:
@@ -334,7 +402,7 @@ class WorkController:
         self.concurrency = self.pool.size
         self._resize_prefetch()
 
-    def autoscale(self, max: int, min: int) -> None:  # noqa: A002 - the command's names
+    def autoscale(self, max: int, min: int) -> None:
         self.autoscale_range = (max, min)
 
     def _resize_prefetch(self) -> None:
@@ -369,9 +437,13 @@ class WorkController:
             f"- ** ---------- .> app:         {app.main or '__main__'}:{id(app):#x}",
             f"- ** ---------- .> transport:   {transport}",
             f"- ** ---------- .> results:     {results}",
-            f"- *** --- * --- .> concurrency: "
-            + (f"{{min={self.min_concurrency}, max={self.concurrency}}}" if self.autoscale_range
-               else f"{self.concurrency}") + f" ({self.pool_kind})",
+            "- *** --- * --- .> concurrency: "
+            + (
+                f"{{min={self.min_concurrency}, max={self.concurrency}}}"
+                if self.autoscale_range
+                else f"{self.concurrency}"
+            )
+            + f" ({self.pool_kind})",
             "-- ******* ---- .> task events: "
             + ("ON" if self.events_enabled else "OFF (enable -E to monitor tasks in this worker)"),
             "--- ***** ----- ",
@@ -379,8 +451,10 @@ class WorkController:
         ]
         for q in self.queues:
             spec = q.to_spec()
-            lines.append(f"                .> {spec.name:<16} exchange={spec.exchange or spec.name}"
-                         f"({spec.exchange_type}) key={spec.routing_key or spec.name}")
+            lines.append(
+                f"                .> {spec.name:<16} exchange={spec.exchange or spec.name}"
+                f"({spec.exchange_type}) key={spec.routing_key or spec.name}"
+            )
         lines.append("")
         lines.append("[tasks]")
         for name in sorted(n for n in app.tasks if not n.startswith("celery.")):
