@@ -19,7 +19,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -544,10 +544,11 @@ class Celery:
 
     async def await_results(
         self, task_ids: Sequence[str], *, timeout: float | None
-    ) -> AsyncIterator[ResultMeta]:
+    ) -> AsyncGenerator[ResultMeta, None]:
         conns = await self.connection_for_current_loop()
-        async for meta in conns.backend.wait(task_ids, timeout=timeout):
-            yield meta
+        async with contextlib.aclosing(conns.backend.wait(task_ids, timeout=timeout)) as metas:
+            async for meta in metas:
+                yield meta
 
     async def astore_result(self, meta: ResultMeta) -> None:
         conns = await self.connection_for_current_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime as dt
 import importlib
 import time
@@ -213,9 +214,11 @@ class AsyncResult:
         meta = self._meta if self._meta is not None and self._meta.ready else None
         if meta is None:
             try:
-                async for found in self.app.await_results([self.id], timeout=timeout):
-                    meta = found
-                    break
+                waiting = self.app.await_results([self.id], timeout=timeout)
+                async with contextlib.aclosing(waiting) as results:
+                    async for found in results:
+                        meta = found
+                        break
             except builtins.TimeoutError:
                 raise CeleriacTimeout("The operation timed out.") from None
             assert meta is not None

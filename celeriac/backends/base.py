@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,9 @@ class ResultBackend:
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, ResultMeta]:
         raise NotImplementedError
 
-    def wait(self, task_ids: Sequence[str], *, timeout: float | None) -> AsyncIterator[ResultMeta]:
+    def wait(
+        self, task_ids: Sequence[str], *, timeout: float | None
+    ) -> AsyncGenerator[ResultMeta, None]:
         """Yield each task's meta once it is ready; raise TimeoutError when time runs out."""
         raise NotImplementedError
 
@@ -189,7 +191,7 @@ class KeyValueBackend(ResultBackend):
 
     async def wait(
         self, task_ids: Sequence[str], *, timeout: float | None
-    ) -> AsyncIterator[ResultMeta]:
+    ) -> AsyncGenerator[ResultMeta, None]:
         pending = list(dict.fromkeys(task_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
         # Subscribe before the first read, so a result stored in between is not missed.

@@ -7,7 +7,7 @@ to change, as Celery's ``DisabledBackend`` does.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import NoReturn
 
 from ..exceptions import NotSupported
@@ -48,7 +48,9 @@ class DisabledBackend(ResultBackend):
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, ResultMeta]:
         _refuse(f"read the results of {len(task_ids)} task(s)")
 
-    def wait(self, task_ids: Sequence[str], *, timeout: float | None) -> AsyncIterator[ResultMeta]:
+    def wait(
+        self, task_ids: Sequence[str], *, timeout: float | None
+    ) -> AsyncGenerator[ResultMeta, None]:
         # Raised on the call, not on first iteration, so the error points at the caller.
         _refuse(f"wait for the result of task(s) {', '.join(task_ids[:3])}")
 
