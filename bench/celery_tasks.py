@@ -3,6 +3,8 @@
 The Redis URL comes from ``BENCH_CELERY_URL`` (default db 11, apart from celeriac's 10).
 """
 
+# mypy: disable-error-code="untyped-decorator"
+
 from __future__ import annotations
 
 import os

@@ -176,6 +176,13 @@ class Celery:
         return self._control
 
     @property
+    def events(self) -> Any:
+        """Celery's ``app.events``: ``Receiver(conn, handlers=...)`` and ``State()``."""
+        from .events import Events
+
+        return Events(self)
+
+    @property
     def amqp(self) -> Any:
         return self
 

@@ -317,6 +317,17 @@ def _sigs(tasks: Iterable[Any], app: Celery | None) -> list[Signature]:
     return [signature(t, app=app) for t in tasks]
 
 
+def _app_of(sigs: Iterable[Any]) -> Celery | None:
+    """A workflow built without ``app=`` runs on its tasks' app (as in Celery), not on
+    whichever app happens to be current."""
+    for s in sigs:
+        if isinstance(s, Signature):
+            found = s._app_ref or (s._type.app if s._type is not None else None)
+            if found is not None:
+                return found
+    return None
+
+
 # -- chain ----------------------------------------------------------------------
 
 
@@ -327,6 +338,7 @@ class chain(Signature):
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], Mapping) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
+        app = app or _app_of(tasks)
         flat: list[Signature] = []
         for t in _sigs(tasks, app):
             if isinstance(t, chain) and not t.options:
@@ -392,12 +404,19 @@ class chain(Signature):
         for step in steps:
             res = step.freeze()
             if parent is not None:
-                res.parent = parent
+                node = res  # a chord's result already has its group as parent: go above it
+                while node.parent is not None:
+                    node = node.parent
+                node.parent = parent
             results.append(res)
             parent = res
         return steps, results
 
     def freeze(self, _id: str | None = None, group_id: str | None = None, **kw: Any) -> Any:
+        # Ids land on this chain's own steps, so freezing again or sending reuses them.
+        tasks = self.tasks
+        for i, t in enumerate(tasks):
+            t.freeze(_id if i == len(tasks) - 1 else None)
         _, results = self.freeze_steps()
         return results[-1]
 
@@ -457,6 +476,7 @@ class group(Signature):
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], Mapping) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
+        app = app or _app_of(tasks)
         super().__init__(
             "celery.group", (), {"tasks": _sigs(tasks, app)}, options, subtask_type="group", app=app
         )
@@ -563,6 +583,7 @@ class chord(Signature):
             tasks = header.tasks if isinstance(header, group) else [header]
         else:
             tasks = _sigs(header, app)
+        app = app or _app_of([*tasks, body])
         super().__init__(
             "celery.chord",
             args,
@@ -708,6 +729,7 @@ class _basemap(Signature):
     def __init__(
         self, task: Any, it: Iterable[Any], app: Celery | None = None, **options: Any
     ) -> None:
+        app = app or _app_of([task])
         super().__init__(
             self._task_name,
             (),
@@ -763,6 +785,7 @@ class chunks(Signature):
     ) -> None:
         if int(n) < 1:
             raise ValueError(f"chunks() needs a chunk size >= 1, got {n!r}")
+        app = app or _app_of([task])
         super().__init__(
             "celery.chunks",
             (),

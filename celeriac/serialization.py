@@ -74,8 +74,8 @@ def _json_default(obj: Any) -> Any:
         return {"__type__": "time", "__value__": obj.isoformat()}
     if isinstance(obj, decimal.Decimal):
         return {"__type__": "decimal", "__value__": str(obj)}
-    if isinstance(obj, uuid.UUID):
-        return {"__type__": "uuid", "__value__": str(obj)}
+    if isinstance(obj, uuid.UUID):  # kombu's form: UUID(**value) rebuilds it
+        return {"__type__": "uuid", "__value__": {"hex": obj.hex, "version": obj.version}}
     if isinstance(obj, bytes | bytearray):
         try:
             return {"__type__": "bytes", "__value__": bytes(obj).decode("utf-8")}
@@ -93,7 +93,7 @@ _TYPE_DECODERS: dict[str, Callable[[Any], Any]] = {
     "date": dt.date.fromisoformat,
     "time": dt.time.fromisoformat,
     "decimal": decimal.Decimal,
-    "uuid": uuid.UUID,
+    "uuid": lambda v: uuid.UUID(**v) if isinstance(v, dict) else uuid.UUID(v),
     "bytes": lambda v: v.encode("utf-8"),
     "base64": base64.b64decode,
 }
@@ -111,7 +111,39 @@ def _revive(obj: Any) -> Any:
     return obj
 
 
+def _has_uuid(obj: Any, depth: int = 0) -> bool:
+    cls = type(obj)
+    if cls is str or cls is int or obj is None:  # the common leaves, cheaply
+        return False
+    if isinstance(obj, uuid.UUID):
+        return True
+    if depth > 64:  # orjson reports structures too deep to encode
+        return False
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, list | tuple):
+        return False
+    for value in obj:  # noqa: SIM110 - a plain loop is cheaper than any() on this hot path
+        if _has_uuid(value, depth + 1):
+            return True
+    return False
+
+
+def _envelop_uuids(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return _json_default(obj)
+    if isinstance(obj, list | tuple):
+        return [_envelop_uuids(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _envelop_uuids(v) for k, v in obj.items()}
+    return obj
+
+
 def json_dumps(obj: Any) -> bytes:
+    # orjson writes a UUID as a bare string and has no pass-through option for it, so
+    # UUIDs are wrapped first; Celery peers then receive uuid.UUID objects, as from kombu.
+    if _has_uuid(obj):
+        obj = _envelop_uuids(obj)
     return orjson.dumps(obj, default=_json_default, option=_JSON_OPTS)
 
 

@@ -217,8 +217,13 @@ class MemoryTransport(Transport):
             for item, names in routed:
                 env = item.envelope
                 for name in names:
-                    msg = _Msg(env, item.exchange, item.routing_key,
-                               clamp_priority(env.priority), next(b.seq))
+                    msg = _Msg(
+                        env,
+                        item.exchange,
+                        item.routing_key,
+                        clamp_priority(env.priority),
+                        next(b.seq),
+                    )
                     b.queue(name).put(msg, item.not_before)
                     touched.add(name)
             b.wake_for(touched)
@@ -262,8 +267,11 @@ class MemoryTransport(Transport):
             for sub in self._broker.subscribers.get(channel, ()):
                 if len(sub.buffer) == sub.buffer.maxlen and not sub.overflowed:
                     sub.overflowed = True
-                    logger.warning("subscriber on %r is %d payloads behind; dropping the "
-                                   "oldest", channel, SUBSCRIBER_BUFFER)
+                    logger.warning(
+                        "subscriber on %r is %d payloads behind; dropping the oldest",
+                        channel,
+                        SUBSCRIBER_BUFFER,
+                    )
                 sub.buffer.append(payload)
                 sub.waker.wake()
 
@@ -367,8 +375,9 @@ class MemoryConsumer(Consumer):
                 return None, None if due is None else due - now
             _, _, msg = heapq.heappop(self._broker.queues[best[2]].ready)
         self.unacked[msg.seq] = (best[2], msg)
-        return Delivery(msg.envelope, best[2], msg.exchange, msg.routing_key,
-                        msg.redelivered, msg.seq), None
+        return Delivery(
+            msg.envelope, best[2], msg.exchange, msg.routing_key, msg.redelivered, msg.seq
+        ), None
 
     def _settle(self, delivery: Delivery) -> tuple[str, _Msg] | None:
         held = self.unacked.pop(delivery.tag, None)
@@ -392,7 +401,7 @@ class MemoryConsumer(Consumer):
             else:
                 dead = dead_letter_name(queue)
                 env = with_dead_reason(msg.envelope, reason or "rejected")
-                b.queue(dead).put(replace(msg, envelope=env, seq=next(b.seq)))
+                b.queue(dead).put(replace(msg, envelope=env, seq=next(b.seq), redelivered=False))
                 b.wake_for({dead})
 
     async def set_prefetch(self, count: int) -> None:

@@ -678,8 +678,11 @@ class RedisConsumer(Consumer):
                 continue
             timeout = idle if due is None else max(0.0, min(idle, due - time.time()))
             idle = min(idle * 2, self.max_poll)
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            alarm = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                alarm.cancel()
 
     def _layout(self) -> list[tuple[str, str, str]]:
         """(list key, queue, bucket) in pop order: priority-major, queues round-robin."""

@@ -189,6 +189,13 @@ class MessageHandler:
         if task_id in self.revoked or (expires is not None and expires < now):
             why = "revoked" if task_id in self.revoked else "expired"
             logger.info("Discarding %s task: %s[%s]", why, name, task_id)
+            self.on_event(
+                "task-revoked",
+                uuid=task_id,
+                terminated=False,
+                signum=None,
+                expired=why == "expired",
+            )
             await self._store(
                 ResultMeta(
                     task_id,
@@ -307,6 +314,9 @@ class MessageHandler:
         self.processed[job.name] = self.processed.get(job.name, 0) + 1
         if outcome.state == states.REVOKED:
             logger.info("Discarding revoked task: %s[%s]", job.name, job.task_id)
+            self.on_event(
+                "task-revoked", uuid=job.task_id, terminated=False, signum=None, expired=False
+            )
             await self._store(
                 ResultMeta(
                     job.task_id,

@@ -21,7 +21,10 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..events import EventDispatcher, Heart
 from ..serialization import accepted_types
+from ..settings import import_symbol
+from .autoscale import Autoscaler
 from .consumer import MessageHandler
 from .pools import create_pool
 from .trace import Tracer
@@ -112,6 +115,11 @@ class WorkController:
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child or conf.worker_max_memory_per_child
         self.events_enabled = bool(task_events or conf.worker_send_task_events)
+        self.without_heartbeat = without_heartbeat
+        self.heartbeat_interval = float(heartbeat_interval or 2.0)
+        self.dispatcher: EventDispatcher | None = None
+        self.heart: Heart | None = None
+        self.autoscaler: Autoscaler | None = None
         self.loglevel, self.logfile = loglevel, logfile
         if setup_logs:
             setup_logging(loglevel, logfile)
@@ -156,7 +164,7 @@ class WorkController:
         self.pool = create_pool(
             self.pool_kind,
             tracer,
-            self.concurrency,
+            self.min_concurrency if self.autoscale_range else self.concurrency,
             max_tasks_per_child=self.max_tasks_per_child,
             max_memory_per_child=self.max_memory_per_child,
         )
@@ -176,14 +184,31 @@ class WorkController:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                     loop.add_signal_handler(sig, self._on_signal, sig)
             consumer_id = f"{self.hostname}.{uuid.uuid4().hex[:8]}"
+            self.dispatcher = EventDispatcher(
+                conns.transport, self.hostname, task_events=self.events_enabled
+            )
+            if not self.without_heartbeat:
+                self.heart = Heart(
+                    self.dispatcher, interval=self.heartbeat_interval, info=self._heart_info
+                )
             async with conns.transport.consumer(
                 specs, prefetch=self.prefetch(), consumer_id=consumer_id
             ) as consumer:
                 self.consumer = consumer
                 self.handler = MessageHandler(
-                    self.app, conns, consumer, self.pool, self.hostname, self.accept, self.revoked
+                    self.app,
+                    conns,
+                    consumer,
+                    self.pool,
+                    self.hostname,
+                    self.accept,
+                    self.revoked,
+                    on_event=self.dispatcher.send,
                 )
-                await self._serve(consumer)
+                try:
+                    await self._serve(consumer)
+                finally:
+                    await self._stop_events()
         finally:
             await self.pool.stop(graceful=not self._cold)
             self.app.portal.release()
@@ -215,6 +240,9 @@ class WorkController:
                 task.add_done_callback(done)
 
         await asyncio.sleep(0)
+        if self.heart is not None:
+            await self.heart.start()
+        scaling = self._start_autoscaler()
         logger.info("%s ready.", self.hostname)
         self.ready.set()
         fetch = asyncio.create_task(consume())
@@ -235,7 +263,49 @@ class WorkController:
             t.cancel()
         control.cancel()
         stop.cancel()
-        await asyncio.gather(fetch, control, stop, *running, return_exceptions=True)
+        if scaling is not None:
+            scaling.cancel()
+        await asyncio.gather(
+            fetch, control, stop, *running, *([scaling] if scaling else []), return_exceptions=True
+        )
+
+    def _start_autoscaler(self) -> asyncio.Task[None] | None:
+        if not self.autoscale_range or self.pool is None or self._stop is None:
+            return None
+        handler = self.handler
+        assert handler is not None
+        max_, min_ = self.autoscale_range
+        cls = self.app.conf.worker_autoscaler
+        if isinstance(cls, str):
+            cls = import_symbol(cls, "worker_autoscaler")
+        self.autoscaler = cls(
+            self.pool,
+            max_,
+            min_,
+            get_pressure=lambda: len(handler.active) + len(handler.reserved),
+            keepalive=float(os.environ.get("AUTOSCALE_KEEPALIVE", 30.0)),
+        )
+        return asyncio.create_task(self.autoscaler.run(self._stop))
+
+    def _heart_info(self) -> dict[str, int]:
+        handler = self.handler
+        if handler is None:
+            return {"active": 0, "processed": 0}
+        return {"active": len(handler.active), "processed": sum(handler.processed.values())}
+
+    async def _stop_events(self) -> None:
+        try:
+            if self.heart is not None:
+                await self.heart.stop()  # worker-offline
+            if self.dispatcher is not None:
+                await self.dispatcher.close()
+        except Exception:
+            logger.exception("Could not send the last events")
+
+    def send_heartbeat(self) -> None:
+        """The ``heartbeat`` control command: a worker-heartbeat event now."""
+        if self.heart is not None:
+            self.heart.beat()
 
     async def _wait_cold(self) -> None:
         while not self._cold:
@@ -328,6 +398,7 @@ class WorkController:
                 "max-tasks-per-child": self.max_tasks_per_child,
             },
             "prefetch_count": self.prefetch(),
+            **({"autoscaler": self.autoscaler.info()} if self.autoscaler else {}),
             "broker": {"transport": self.conns.transport.describe() if self.conns else None},
             "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss},
             "sw_ident": "celeriac",
@@ -392,18 +463,29 @@ class WorkController:
 
     def pool_grow(self, n: int) -> None:
         assert self.pool is not None
-        self.pool.grow(n)
-        self.concurrency = self.pool.size
+        if self.autoscaler is not None:
+            self.autoscaler.force_scale_up(n)
+            self.concurrency = self.autoscaler.max_concurrency
+        else:
+            self.pool.grow(n)
+            self.concurrency = self.pool.size
         self._resize_prefetch()
 
     def pool_shrink(self, n: int) -> None:
         assert self.pool is not None
+        if self.autoscaler is not None:
+            self.autoscaler.force_scale_down(n)  # prefetch stays at max * multiplier
+            return
         self.pool.shrink(n)
         self.concurrency = self.pool.size
         self._resize_prefetch()
 
     def autoscale(self, max: int, min: int) -> None:
-        self.autoscale_range = (max, min)
+        if self.autoscaler is None:
+            raise ValueError("Autoscale not enabled")
+        self.autoscale_range = self.autoscaler.update(max, min)
+        self.concurrency = self.autoscaler.max_concurrency
+        self._resize_prefetch()
 
     def _resize_prefetch(self) -> None:
         if self.consumer is not None:
@@ -412,11 +494,15 @@ class WorkController:
     def enable_events(self) -> bool:
         was = self.events_enabled
         self.events_enabled = True
+        if self.dispatcher is not None:
+            self.dispatcher.task_events = True
         return not was
 
     def disable_events(self) -> bool:
         was = self.events_enabled
         self.events_enabled = False
+        if self.dispatcher is not None:
+            self.dispatcher.task_events = False
         return was
 
     def clock(self) -> int:

@@ -49,7 +49,19 @@ QUIET = 0.3  # how long "nothing else arrives" is watched for
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    """Run on a fresh loop; a body that outlives ``timeout`` fails even if it then
+    swallows the cancellation (``asyncio.wait_for`` would report that as success)."""
+
+    async def guarded() -> T:
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+            raise AssertionError(f"test body did not finish within {timeout}s")
+        return task.result()
+
+    return asyncio.run(guarded())
 
 
 @contextlib.asynccontextmanager
@@ -62,11 +74,21 @@ async def opened(broker: Broker) -> AsyncIterator[Transport]:
         await transport.close()
 
 
-def out(body: bytes | str, queue: str = "q", *, priority: int | None = None,
-        exchange: str = "", not_before: float | None = None) -> Outgoing:
+def out(
+    body: bytes | str,
+    queue: str = "q",
+    *,
+    priority: int | None = None,
+    exchange: str = "",
+    not_before: float | None = None,
+) -> Outgoing:
     data = body.encode() if isinstance(body, str) else body
-    env = Envelope(data, {"id": data.decode(errors="replace"), "task": "t.x"},
-                   "application/json", priority=priority)
+    env = Envelope(
+        data,
+        {"id": data.decode(errors="replace"), "task": "t.x"},
+        "application/json",
+        priority=priority,
+    )
     return Outgoing(env, exchange, queue, not_before)
 
 
@@ -84,8 +106,9 @@ class Reader:
 
     async def get(self, timeout: float = 10.0) -> Delivery:
         getter = asyncio.ensure_future(self._items.get())
-        done, _ = await asyncio.wait({getter, self._task}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {getter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if getter in done:
             return getter.result()
         getter.cancel()
@@ -109,14 +132,18 @@ class Reader:
             raise AssertionError(f"unexpected delivery {d.envelope.body!r} from {d.queue!r}")
 
     async def stop(self) -> None:
+        """Cancel the pump, as a worker does at shutdown; iteration must end promptly."""
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        done, _ = await asyncio.wait({self._task}, timeout=5)
+        assert done, "cancelling a task blocked in `async for` over the consumer did not end it"
+        if not self._task.cancelled() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]
 
 
 @contextlib.asynccontextmanager
-async def reading(transport: Transport, queues: Sequence[str | QueueSpec], *,
-                  prefetch: int = 10, cid: str = "c1") -> AsyncIterator[Reader]:
+async def reading(
+    transport: Transport, queues: Sequence[str | QueueSpec], *, prefetch: int = 10, cid: str = "c1"
+) -> AsyncIterator[Reader]:
     specs = [q if isinstance(q, QueueSpec) else QueueSpec(q) for q in queues]
     async with transport.consumer(specs, prefetch=prefetch, consumer_id=cid) as consumer:
         reader = Reader(consumer)
@@ -212,8 +239,9 @@ def test_priority_higher_first(broker: Broker) -> None:
     async def main() -> None:
         async with opened(broker) as t:
             await t.publish_many([out(f"{i}", priority=p) for i, p in enumerate(prios)])
-            expected = [f"{i}".encode() for i, _ in sorted(enumerate(prios),
-                                                           key=lambda ip: (-ip[1], ip[0]))]
+            expected = [
+                f"{i}".encode() for i, _ in sorted(enumerate(prios), key=lambda ip: (-ip[1], ip[0]))
+            ]
             async with reading(t, ["q"], prefetch=100) as r:
                 assert await r.bodies(len(prios)) == expected
 
@@ -228,8 +256,9 @@ def test_priority_every_level(broker: Broker) -> None:
     async def main() -> None:
         async with opened(broker) as t:
             await t.publish_many([out(f"{i}", priority=p) for i, p in enumerate(prios)])
-            expected = [f"{i}".encode() for i, _ in sorted(enumerate(prios),
-                                                           key=lambda ip: (-ip[1], ip[0]))]
+            expected = [
+                f"{i}".encode() for i, _ in sorted(enumerate(prios), key=lambda ip: (-ip[1], ip[0]))
+            ]
             async with reading(t, ["q"], prefetch=0) as r:
                 assert await r.bodies(len(prios)) == expected
 
@@ -343,20 +372,19 @@ def test_set_prefetch(broker: Broker) -> None:
 
 def test_add_and_cancel_queue(broker: Broker) -> None:
     async def main() -> None:
-        async with opened(broker) as t:
-            async with reading(t, ["a"]) as r:
-                await t.publish(out("for-b", "b"))
-                await r.nothing_within()
-                await r.consumer.add_queue(QueueSpec("b"))
-                assert [q.name for q in r.consumer.queues] == ["a", "b"]
-                assert await r.bodies(1) == [b"for-b"]
-                await r.consumer.cancel_queue("a")
-                assert [q.name for q in r.consumer.queues] == ["b"]
-                await t.publish(out("for-a", "a"))
-                await r.nothing_within()
-                assert await t.size("a") == 1
-                await t.publish(out("b2", "b"))
-                assert await r.bodies(1) == [b"b2"]
+        async with opened(broker) as t, reading(t, ["a"]) as r:
+            await t.publish(out("for-b", "b"))
+            await r.nothing_within()
+            await r.consumer.add_queue(QueueSpec("b"))
+            assert [q.name for q in r.consumer.queues] == ["a", "b"]
+            assert await r.bodies(1) == [b"for-b"]
+            await r.consumer.cancel_queue("a")
+            assert [q.name for q in r.consumer.queues] == ["b"]
+            await t.publish(out("for-a", "a"))
+            await r.nothing_within()
+            assert await t.size("a") == 1
+            await t.publish(out("b2", "b"))
+            assert await r.bodies(1) == [b"b2"]
 
     run(main())
 
@@ -416,8 +444,7 @@ def test_bindings_direct_topic_fanout(broker: Broker) -> None:
                 await t.publish(out(key, key, exchange="tx"))
             await t.publish(out("x", "whatever", exchange="fx"))
             sizes = {s.name: await t.size(s.name) for s in specs}
-            assert sizes == {"d1": 1, "d2": 1, "d3": 1, "t1": 1, "t2": 3, "t3": 2,
-                             "f1": 1, "f2": 1}
+            assert sizes == {"d1": 1, "d2": 1, "d3": 1, "t1": 1, "t2": 3, "t3": 2, "f1": 1, "f2": 1}
             async with reading(t, ["t3"]) as r:
                 assert await r.bodies(2) == [b"a.b.c", b"x.c"]
             async with reading(t, ["d3"]) as r:
@@ -439,8 +466,9 @@ def test_unroutable_publish_raises(broker: Broker) -> None:
                 await t.publish(out("lost?", "k1", exchange="ghost"))
             if broker.kind != "redis":  # memory and sqlite check the whole batch first
                 with pytest.raises(TransportError):
-                    await t.publish_many([out("ok", "k1", exchange="dx"),
-                                          out("bad", "k9", exchange="dx")])
+                    await t.publish_many(
+                        [out("ok", "k1", exchange="dx"), out("bad", "k9", exchange="dx")]
+                    )
                 assert await t.size("d1") == 0
             await t.publish(out("implicit", "brand-new-queue"))  # "" always routes
             assert await t.size("brand-new-queue") == 1
@@ -494,8 +522,7 @@ def test_live_lease_is_never_handed_to_another_consumer(broker: Broker) -> None:
                     await r2.nothing_within(broker.lease_timeout + 1.0)
                     await r1.consumer.ack(held)
                     await t1.publish(out("next"))
-                    d = await asyncio.wait_for(
-                        next_of(r1, r2), 10)
+                    d = await asyncio.wait_for(next_of(r1, r2), 10)
                     assert d.envelope.body == b"next" and not d.redelivered
 
     run(main())
@@ -563,7 +590,9 @@ def child(broker: Broker, mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, broker.url, mode],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -634,8 +663,10 @@ def test_sqlite_stale_heartbeat_from_another_host_is_reaped(sqlite_broker: Broke
             await t.publish(out("stuck"))
             db = sqlite3.connect(path_of(sqlite_broker.url))
             with db:
-                db.execute("INSERT INTO consumers VALUES ('ghost:1:x', 1, 'elsewhere', ?)",
-                           (time.time() - 100,))
+                db.execute(
+                    "INSERT INTO consumers VALUES ('ghost:1:x', 1, 'elsewhere', ?)",
+                    (time.time() - 100,),
+                )
                 db.execute("UPDATE messages SET owner = 'ghost:1:x'")
             db.close()
             assert await t.size("q") == 0
@@ -652,8 +683,9 @@ def test_sqlite_stale_heartbeat_from_another_host_is_reaped(sqlite_broker: Broke
     run(main())
 
 
-def test_sqlite_garbage_rows_are_dead_lettered(sqlite_broker: Broker,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_sqlite_garbage_rows_are_dead_lettered(
+    sqlite_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
     garbage: list[object] = [b"\xde\xad\xbe\xef", '{"not": "kombu"}', 42]
 
     async def main() -> None:
@@ -661,8 +693,9 @@ def test_sqlite_garbage_rows_are_dead_lettered(sqlite_broker: Broker,
             await t.publish(out("before"))
             db = sqlite3.connect(path_of(sqlite_broker.url))
             with db:
-                db.executemany("INSERT INTO messages (queue, payload) VALUES ('q', ?)",
-                               [(g,) for g in garbage])
+                db.executemany(
+                    "INSERT INTO messages (queue, payload) VALUES ('q', ?)", [(g,) for g in garbage]
+                )
             db.close()
             await t.publish(out("after"))
             async with reading(t, ["q"]) as r:
@@ -691,7 +724,8 @@ def test_sqlite_payload_is_the_kombu_envelope(sqlite_broker: Broker) -> None:
         db = sqlite3.connect(path_of(sqlite_broker.url))
         try:
             queue, prio, payload = db.execute(
-                "SELECT queue, priority, payload FROM messages").fetchone()
+                "SELECT queue, priority, payload FROM messages"
+            ).fetchone()
         finally:
             db.close()
         env, exchange, rkey, _ = unpack(payload)
