@@ -21,7 +21,7 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import states
 from ._bridge import portal
@@ -35,6 +35,8 @@ from .transport import create_transport, scheme_of
 from .transport.base import Outgoing, QueueSpec, Transport
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DEFAULT_BROKER = "sqlite://"
 
@@ -191,6 +193,12 @@ class Celery:
         return self
 
     # -- tasks ----------------------------------------------------------------------
+
+    @overload
+    def task(self, fun: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, **opts: Any) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
 
     def task(self, *args: Any, **opts: Any) -> Any:
         """Decorator: ``@app.task`` or ``@app.task(bind=True, queue='q1', ...)``."""

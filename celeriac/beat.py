@@ -147,6 +147,7 @@ class Scheduler:
             catch_up = self.cron_deadline if self.cron_deadline is not None else 2 * self.lock_ttl
         self.catch_up = float(catch_up)
         self.lock_name = lock_name
+        self.claim_prefix = f"{lock_name}.claim."
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.schedule_filename = schedule_filename
         self.schedule: dict[str, ScheduleEntry] = {}
@@ -213,7 +214,7 @@ class Scheduler:
         return self._leader
 
     def claim_name(self, entry: ScheduleEntry, due: dt.datetime) -> str:
-        return f"{self.lock_name}.claim.{entry.name}@{due.astimezone(dt.UTC).isoformat()}"
+        return f"{self.claim_prefix}{entry.name}@{due.astimezone(dt.UTC).isoformat()}"
 
     async def tick(self, transport: Transport) -> float:
         """One pass: renew or take the leader lock, send what is due; seconds to sleep."""

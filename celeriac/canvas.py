@@ -432,9 +432,15 @@ class chain(Signature):
             return self.apply(args, kwargs, **options)
         steps, results = self.freeze_steps()
         first, rest = steps[0], steps[1:]
-        for key in ("link", "link_error"):
-            if key in self.options:
-                steps[-1].options.setdefault(key, []).extend(self.options[key])
+        # As in Celery: callbacks go on the last step, errbacks on every step, so the
+        # step that fails (and stops the chain) is the one that calls them.
+        for key, targets in (("link", steps[-1:]), ("link_error", steps)):
+            extra_sigs = options.pop(key, None)
+            if isinstance(extra_sigs, Mapping):
+                extra_sigs = [extra_sigs]
+            found = [*self.options.get(key, ()), *(extra_sigs or ())]
+            for step in targets if found else ():
+                step.options.setdefault(key, []).extend(found)
         extra = {
             k: v
             for k, v in {**self.options, **options}.items()

@@ -6,8 +6,9 @@ print as ``vege.hello('haha')``) and adds the crawler from the tutorial's last t
     >>> page_crawler().get()
     'stored: Item 42 (USD 9.99)'
 
-The tutorial starts this worker with ``-B`` (embedded beat). celeriac has no beat yet:
-the flag is accepted, but ``beat_schedule`` below is only stored, not run.
+The tutorial starts this worker with ``-B`` (beat inside the worker). That is not wired
+in yet: the flag is accepted and ignored. Run ``celeriac -A vege4 beat`` beside the worker
+to send ``beat_schedule`` below.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ redis_up() {
         [[ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" == "PONG" ]]
     else  # no client installed: speak the protocol over bash's /dev/tcp
         local reply
-        exec 3<>/dev/tcp/127.0.0.1/6379 2>/dev/null || return 1
+        { exec 3<>/dev/tcp/127.0.0.1/6379; } 2>/dev/null || return 1
         printf 'PING\r\n' >&3
         read -r -t 2 reply <&3 || true
         exec 3>&-
@@ -61,20 +61,32 @@ else
     echo "started"
 fi
 
+# The three checks all run, so one report shows every problem; any failure fails the script.
+failed=()
+
 section "ruff check"
 lint_paths=()
 for path in celeriac tests bench; do
     [[ -d "$path" ]] && lint_paths+=("$path")
 done
-.venv/bin/ruff check "${lint_paths[@]}"
+.venv/bin/ruff check "${lint_paths[@]}" || failed+=("ruff")
 
 section "mypy (strict, celeriac/)"
-.venv/bin/mypy
+.venv/bin/mypy || failed+=("mypy")
 
 section "pytest"
 status=0
 .venv/bin/pytest -q || status=$?
 if [[ $status -eq 5 ]]; then
-    die "pytest collected no tests"
+    echo "pytest collected no tests" >&2
+    failed+=("pytest (no tests)")
+elif [[ $status -ne 0 ]]; then
+    failed+=("pytest (exit $status)")
 fi
-exit "$status"
+
+section "Summary"
+if [[ ${#failed[@]} -gt 0 ]]; then
+    printf 'FAILED: %s\n' "${failed[*]}"
+    exit 1
+fi
+echo "ruff, mypy and pytest passed"

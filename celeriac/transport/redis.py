@@ -28,7 +28,7 @@ key                                 type   content
                                            pushes to ``<queue>`` deletes it and PUBLISHes on
                                            the channel of the same name to wake it
 ``celeriac.lock.<name>``            str    ``try_lock`` owner, with PX expiry
-channel ``celeriac.bc.<channel>``   pub    :meth:`broadcast` / :meth:`subscribe`
+channel ``celeriac.bc.<db>.<ch>``   pub    :meth:`broadcast` / :meth:`subscribe`
 ==================================  =====  ================================================
 
 Priority. Our contract is "0-9, higher first"; kombu on Redis pops bucket 0 first. A
@@ -463,16 +463,22 @@ class RedisTransport(Transport):
 
     async def broadcast(self, channel: str, payload: bytes) -> None:
         async with self._errors("broadcast"):
-            await self.client.publish(BROADCAST + channel, payload)
+            await self.client.publish(self._channel(channel), payload)
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self._subscribe(channel)
+
+    def _channel(self, channel: str) -> str:
+        """Pub/sub ignores the database number, so the channel names it (as kombu's fanout
+        prefix does): otherwise workers on other databases answer and obey our commands."""
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        return f"{BROADCAST}{db}.{channel}"
 
     @asynccontextmanager
     async def _subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
         box: list[PubSub] = []
         async with self._errors("subscribe"):
-            box.append(await _subscribed(self.client, [BROADCAST + channel]))
+            box.append(await _subscribed(self.client, [self._channel(channel)]))
         try:
             yield self._receive(box, channel)
         finally:
@@ -493,7 +499,7 @@ class RedisTransport(Transport):
                 delay = min(delay * 2, 5.0)
                 with suppress(*CONN_ERRORS):
                     await _close(box[0])
-                    box[0] = await _subscribed(self.client, [BROADCAST + channel])
+                    box[0] = await _subscribed(self.client, [self._channel(channel)])
                 continue
             delay = 0.1
             if msg is not None and msg["type"] == "message":

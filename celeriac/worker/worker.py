@@ -56,6 +56,21 @@ def setup_logging(loglevel: str, logfile: str | None) -> None:
     root.setLevel(level)
 
 
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again any that swallowed it.
+
+    Python 3.11's ``asyncio.wait_for`` (redis-py wraps socket writes in it) can lose a
+    cancellation that races with completion (CPython gh-86296), so one cancel() could
+    leave the consume loop running and a warm shutdown hanging forever.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _Revoked(set[str]):
     """Revoked ids, bounded like Celery's (oldest forgotten first)."""
 
@@ -125,6 +140,8 @@ class WorkController:
             setup_logging(loglevel, logfile)
         self.queue_names, self.exclude = queues, exclude_queues
         self.revoked: set[str] = _Revoked()
+        self.statedb = statedb
+        self.beat = beat
         self.accept = accepted_types(conf.accept_content)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,9 +166,37 @@ class WorkController:
         if not self.queues:
             raise SystemExit("Error: no queues left to consume from (check -Q and -X)")
         print(self.banner(), file=sys.stderr, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(self._main())
+        self._load_state()
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(self._main())
+        finally:
+            self._save_state()
         return self.exitcode
+
+    def _load_state(self) -> None:
+        """``--statedb``: revoked ids survive a restart (JSON, not Celery's shelve)."""
+        if not self.statedb or not os.path.exists(self.statedb):
+            return
+        import orjson
+
+        try:
+            with open(self.statedb, "rb") as fh:
+                state = orjson.loads(fh.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise SystemExit(f"Error: cannot read --statedb {self.statedb!r}: {exc}") from None
+        for task_id in state.get("revoked", []):
+            self.revoked.add(str(task_id))
+
+    def _save_state(self) -> None:
+        if not self.statedb:
+            return
+        import orjson
+
+        tmp = f"{self.statedb}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps({"revoked": sorted(self.revoked)}))
+        os.replace(tmp, self.statedb)
 
     def prefetch(self) -> int:
         return self.concurrency * self.prefetch_multiplier if self.prefetch_multiplier else 0
@@ -265,9 +310,7 @@ class WorkController:
         stop.cancel()
         if scaling is not None:
             scaling.cancel()
-        await asyncio.gather(
-            fetch, control, stop, *running, *([scaling] if scaling else []), return_exceptions=True
-        )
+        await _cancel_all([fetch, control, stop, *running, *([scaling] if scaling else [])])
 
     def _start_autoscaler(self) -> asyncio.Task[None] | None:
         if not self.autoscale_range or self.pool is None or self._stop is None:

@@ -14,12 +14,14 @@ any of its pool children left behind. Worker logs are attached to the test repor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -87,17 +89,39 @@ def _redis_client() -> Any:
     return client
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float = 90.0) -> Iterator[None]:
+    """Hold an flock on ``path``: two pytest sessions on this machine never share db 12."""
+    with open(path, "a") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test session held {path} for {timeout:.0f} s")
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     if request.param == "sqlite":
         yield Broker("sqlite", f"sqlite:///{tmp_path / 'broker.sqlite'}", tmp_path)
         return
     client = _redis_client()
-    client.flushdb()
     try:
-        yield Broker("redis", REDIS_URL, tmp_path)
+        with _exclusive(Path(tempfile.gettempdir()) / "celeriac-e2e-redis-db12.lock"):
+            client.flushdb()
+            try:
+                yield Broker("redis", REDIS_URL, tmp_path)
+            finally:
+                client.flushdb()
     finally:
-        client.flushdb()
         client.close()
 
 

@@ -117,6 +117,13 @@ def record(path: str, token: str) -> str:
 
 
 @app.task
+def stamp(path: str, token: str) -> str:
+    """Record when the task body started, for checks that it was not run early."""
+    append_line(path, f"{token} {time.time()}")
+    return token
+
+
+@app.task
 def noop() -> None:
     return None
 
