@@ -30,6 +30,7 @@ from .backends.base import ResultBackend, ResultMeta
 from .protocol import build_task_message
 from .routing import Router
 from .settings import Settings
+from .signals import Signal, send_app_configured
 from .task import Task, current
 from .transport import create_transport, scheme_of
 from .transport.base import Outgoing, QueueSpec, Transport
@@ -112,7 +113,8 @@ class Celery:
         self._control: Any = None
         self._pending_autodiscover: list[tuple[Sequence[str], str]] = []
         self.portal = portal
-        self.on_after_configure: list[Callable[..., Any]] = []
+        self.on_after_configure = Signal(name="on_after_configure")
+        self.on_after_finalize = Signal(name="on_after_finalize")
         _register_builtins(self)
         for fun, opts in list(_shared):
             self._task_from_fun(fun, **opts)
@@ -289,6 +291,22 @@ class Celery:
             importlib.import_module(module)
         for task in self.tasks.values():
             self._annotate(task)
+        send_app_configured(self)
+
+    def add_periodic_task(
+        self,
+        schedule: Any,
+        sig: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> str:
+        """Add a beat entry (Celery's ``add_periodic_task``), e.g. from on_after_configure."""
+        from .beat import add_periodic_task
+
+        key: str = add_periodic_task(self, schedule, sig, args, kwargs or {}, name, **opts)
+        return key
 
     def finalize(self, auto: bool = False) -> None:
         self.loader_import_default_modules()

@@ -292,7 +292,11 @@ class MemoryTransport(Transport):
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
         now = time.time()
         with self._broker.lock:
-            held = self._broker.locks.get(name)
+            locks = self._broker.locks
+            if len(locks) > 1000:  # beat claims one lock per due time: drop expired ones
+                for key in [k for k, (_, until) in locks.items() if until < now]:
+                    del locks[key]
+            held = locks.get(name)
             if held is None or held[1] < now or held[0] == owner:
                 self._broker.locks[name] = (owner, now + ttl)
                 return True

@@ -230,6 +230,7 @@ class SQLiteTransport(Transport):
         self.lock_timeout = float(opts.get("lock_timeout", 30.0))
         self._conn: Conn | None = None
         self._pruned = 0.0
+        self._locks_pruned = 0.0
 
     # -- connection and transactions ------------------------------------------
 
@@ -355,6 +356,10 @@ class SQLiteTransport(Transport):
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
         now = time.time()
+        if now - self._locks_pruned > 60.0:
+            # Beat claims one lock per due time; expired ones are only history.
+            self._locks_pruned = now
+            await self._run("DELETE FROM locks WHERE expires < ?", (now - 60.0,))
         return int((await self._run(SQL_LOCK, (name, owner, now + ttl, now))).rowcount) == 1
 
     # -- broadcast ------------------------------------------------------------------

@@ -21,6 +21,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..beat import embedded_beat
 from ..events import EventDispatcher, Heart
 from ..serialization import accepted_types
 from ..settings import import_symbol
@@ -290,6 +291,7 @@ class WorkController:
         scaling = self._start_autoscaler()
         logger.info("%s ready.", self.hostname)
         self.ready.set()
+        beat = asyncio.create_task(embedded_beat(self.app, self._stop)) if self.beat else None
         fetch = asyncio.create_task(consume())
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -304,6 +306,8 @@ class WorkController:
             while running and not cold.done():
                 await asyncio.wait({cold, *running}, return_when=asyncio.FIRST_COMPLETED)
             cold.cancel()
+        if beat is not None:
+            await asyncio.gather(beat, return_exceptions=True)
         for t in running:
             t.cancel()
         control.cancel()

@@ -214,7 +214,9 @@ class WorkerProcess:
                     f"ready:\n{self.log()[-4000:]}"
                 )
             if time.monotonic() > deadline:
-                pytest.fail(f"worker {self.nodename} not ready in {timeout} s:\n{self.log()[-4000:]}")
+                pytest.fail(
+                    f"worker {self.nodename} not ready in {timeout} s:\n{self.log()[-4000:]}"
+                )
             time.sleep(0.02)
         self.note_children()
 
@@ -230,9 +232,6 @@ class WorkerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.forced = True
-                if os.environ.get("E2E_WRAP"):
-                    self.proc.send_signal(signal.SIGUSR1)
-                    time.sleep(1)
                 self.proc.kill()
                 self.proc.wait(timeout)
         self.reap_family()
@@ -298,7 +297,7 @@ def _workers(request: pytest.FixtureRequest, broker: Broker) -> Iterator[WorkerF
         node = name or f"w{len(started) + 1}-{uuid.uuid4().hex[:6]}"
         nodename = f"{node}@e2e"
         args = [
-            sys.executable, *(["/tmp/e2edbg/wrap.py"] if os.environ.get("E2E_WRAP") else ["-m", "celeriac"]), "-A", "tests.e2e.tasks", "worker",
+            sys.executable, "-m", "celeriac", "-A", "tests.e2e.tasks", "worker",
             "-l", "info", "-P", pool, "-c", str(concurrency), "-n", nodename,
         ]
         if queues:

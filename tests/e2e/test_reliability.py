@@ -44,6 +44,9 @@ def test_killed_worker_task_runs_on_another_worker(
     doomed = worker(concurrency=1)
     r = tasks.late_held.delay(log, str(release))
     first = wait_until(lambda: tasks.lines(log), what="the task to start on the first worker")
+    stats = (app.control.inspect([doomed.nodename], timeout=5).stats() or {})[doomed.nodename]
+    assert stats["pid"] == doomed.pid
+    assert sorted(stats["pool"]["processes"]) == sorted(doomed.note_children())
     assert first == [f"start {doomed.note_children()[0]}"]
     survivor = worker(concurrency=1)
     doomed.kill()
