@@ -46,7 +46,7 @@ logger = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY_VENV = ROOT / "bench" / ".celery-venv"
-REDIS_URLS = {"celeriac": "redis://127.0.0.1:6379/10", "celery": "redis://127.0.0.1:6379/11"}
+REDIS_DBS = {"celeriac": 10, "celery": 11}  # one server, one database per system
 RESULT_PREFIX = "BENCH-RESULT "
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL = 0.005  # counter-file poll interval: <1% of a 5,000-task drain, ~1% of a core
@@ -198,18 +198,22 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def redis_url(system: str, port: int) -> str:
+    return f"redis://127.0.0.1:{port}/{REDIS_DBS[system]}"
+
+
 def run_client(target: Target, workdir: Path, n: int, latency_n: int, group_n: int,
-               results: dict[str, Any]) -> None:
+               results: dict[str, Any], redis_port: int = 6379) -> None:
     """Run W2, W1, W3, W4 in that order, filling ``results`` as each finishes."""
     counter = workdir / "counter"
     os.environ["BENCH_COUNTER"] = str(counter)
     if target.system == "celeriac":
         url = (f"sqlite:///{workdir / 'broker.sqlite'}" if target.broker == "sqlite"
-               else REDIS_URLS["celeriac"])
+               else redis_url("celeriac", redis_port))
         os.environ["CELERIAC_BROKER_URL"] = os.environ["CELERIAC_RESULT_BACKEND"] = url
         module, cli = "bench.tasks", "celeriac"
     else:
-        url = os.environ["BENCH_CELERY_URL"] = REDIS_URLS["celery"]
+        url = os.environ["BENCH_CELERY_URL"] = redis_url("celery", redis_port)
         module, cli = "bench.celery_tasks", "celery"
     probe = RedisProbe(url) if target.broker == "redis" else None
     if probe is not None:
@@ -304,7 +308,7 @@ def _client_main(args: argparse.Namespace) -> int:
     code = 0
     try:
         run_client(Target(system, broker), Path(args.workdir), args.n, args.latency_n,
-                   args.group_n, results)
+                   args.group_n, results, args.redis_port)
     except BaseException as exc:  # SIGTERM/^C too: still report what was measured
         results["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -379,6 +383,36 @@ def machine_description(celery_versions: str | None) -> str:
     return ", ".join(parts)
 
 
+@contextlib.contextmanager
+def private_redis() -> Iterator[int]:
+    """A redis-server of our own on a free port (no persistence, like the shared one)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("--private-redis: redis-server is not installed")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--databases", "16"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while redis_reachable(f"redis://127.0.0.1:{port}/0") is not None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"--private-redis: redis-server on port {port} did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as fh:
@@ -391,7 +425,7 @@ def run_target(target: Target, workdir: Path, args: argparse.Namespace) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [_python_for(target), "-m", "bench.run", "--client", f"{target.system}:{target.broker}",
            "--workdir", str(workdir), "--n", str(args.n), "--latency-n", str(args.latency_n),
-           "--group-n", str(args.group_n)]
+           "--group-n", str(args.group_n), "--redis-port", str(args.redis_port)]
     timeout = 180 + args.n / 25 + args.latency_n / 5 + args.group_n / 5
     with open(workdir / "client.log", "wb") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -499,6 +533,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="keep broker files and logs here (default: a "
                         "temporary directory, removed afterwards)")
     parser.add_argument("--json", help="also write every run's raw numbers to this file")
+    parser.add_argument("--private-redis", action="store_true",
+                        help="start a redis-server of our own on a free 127.0.0.1 port, so "
+                        "nobody else's commands or CPU are counted")
+    parser.add_argument("--redis-port", type=int, default=6379, help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -526,11 +564,20 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], object] = sys.s
     targets = [Target("celeriac", b) for b in brokers]
     if args.celery:
         targets.append(Target("celery", "redis"))
-    results: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
     versions = ensure_celery_venv() if args.celery else None
+    if args.private_redis and any(t.broker == "redis" for t in targets):
+        with private_redis() as args.redis_port:
+            return _orchestrate(args, targets, versions, out)
+    return _orchestrate(args, targets, versions, out)
+
+
+def _orchestrate(args: argparse.Namespace, targets: list[Target], versions: str | None,
+                 out: Callable[[str], object]) -> int:
+    results: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
+    port = args.redis_port
     broken: dict[str, str] = {}
     for t in targets:
-        if t.broker == "redis" and (why := redis_reachable(REDIS_URLS[t.system])):
+        if t.broker == "redis" and (why := redis_reachable(redis_url(t.system, port))):
             broken[t.label] = why
     started, load_before = dt.datetime.now(dt.UTC), _loadavg()
     with _workdir(args.workdir) as workdir:
@@ -555,6 +602,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], object] = sys.s
         f"W1/W2 n={args.n}, W3 {args.latency_n} round trips, W4 size {args.group_n}; "
         "worker -c 2 -P prefork; W1/W2 tasks ignore results.",
         f"Machine: {machine_description(versions)}",
+        f"Redis: 127.0.0.1:{port}" + (" (private server started for this run)"
+                                      if args.private_redis else " (shared server)"),
         f"Load average (1 min) before/after: {load_before}/{_loadavg()} (other work on the "
         "machine skews the numbers; compare ratios from one invocation)",
         "",

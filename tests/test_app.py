@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from celeriac import Celery, Task, current_app, shared_task, task
+from celeriac import app as app_module
 from celeriac.app import set_current_app
 from celeriac.backends import memory as memory_backend
 from celeriac.exceptions import ImproperlyConfigured
@@ -44,6 +45,15 @@ def restore_current_app() -> Iterator[None]:
     previous = current_app()
     yield
     set_current_app(previous)
+
+
+@pytest.fixture
+def isolated_shared_tasks(
+    monkeypatch: pytest.MonkeyPatch, restore_current_app: None
+) -> Iterator[None]:
+    """Shared tasks declared by a test must not be registered on later tests' apps."""
+    monkeypatch.setattr(app_module, "_shared", [])
+    yield
 
 
 # -- construction and settings --------------------------------------------------------------
@@ -346,7 +356,7 @@ def test_include_modules_are_imported(
 # -- shared_task and the tutorial's `from celery import task` ------------------------------
 
 
-def test_shared_task_registers_on_every_app(url: str, restore_current_app: None) -> None:
+def test_shared_task_registers_on_every_app(url: str, isolated_shared_tasks: None) -> None:
     first = Celery("first", broker=url)
 
     @shared_task
@@ -364,7 +374,7 @@ def test_shared_task_registers_on_every_app(url: str, restore_current_app: None)
     assert repr(shared_add.s(1, 2)) == f"{name}(1, 2)"
 
 
-def test_shared_task_with_options(url: str, restore_current_app: None) -> None:
+def test_shared_task_with_options(url: str, isolated_shared_tasks: None) -> None:
     app = Celery("opts", broker=url)
 
     @shared_task(name="shared.custom", ignore_result=True, bind=True)
@@ -375,7 +385,7 @@ def test_shared_task_with_options(url: str, restore_current_app: None) -> None:
     assert custom() == "shared.custom"
 
 
-def test_tutorial_task_decorator(url: str, restore_current_app: None) -> None:
+def test_tutorial_task_decorator(url: str, isolated_shared_tasks: None) -> None:
     app = Celery("vege", broker=url)
 
     @task()
@@ -389,7 +399,7 @@ def test_tutorial_task_decorator(url: str, restore_current_app: None) -> None:
 @pytest.mark.xfail(strict=True, reason="app.py: _SharedTask keeps the name made by one app; "
                    "for a __main__ function each app names it after app.main")
 def test_shared_task_in_main_module_resolves_on_the_current_app(
-    url: str, restore_current_app: None
+    url: str, isolated_shared_tasks: None
 ) -> None:
     def job() -> str:
         return "ran"

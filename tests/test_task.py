@@ -323,6 +323,13 @@ def test_eager_links_run_after_success(app: Celery) -> None:
     add.apply((1, 2), link=[record.s()])
     fail.apply(link_error=[record.s()], task_id="failed-id")
     assert got == [3, "failed-id"]
+    # one signature instead of a list, as Celery allows
+    add.apply((2, 2), link=record.s())
+    fail.apply(link_error=record.si("immutable"))
+    assert got == [3, "failed-id", 4, "immutable"]
+    app.conf.task_always_eager = True
+    add.s(3, 3).set(link=record.s()).delay()
+    assert got[-1] == 6
 
 
 # -- task_always_eager ---------------------------------------------------------------------

@@ -7,7 +7,8 @@ key                                    type  content
 =====================================  ====  ================================================
 ``celery-task-meta-<task_id>``         str   task meta (``result_serializer``), SET with PX
                                              when a ttl is given, then PUBLISHed on the
-                                             channel of the same name, as Celery does
+                                             channel of the same name, as Celery does (one
+                                             Lua call: a result is never seen half-stored)
 ``celery-taskset-meta-<group_id>``     str   ``{"result": [[gid, null], [[[id, null], null],
                                              ...]]}``
 ``celery-taskset-meta-<gid>.j``        zset  chord join: header task id -> 1-based rank in
@@ -46,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 CONN_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 
+# KEYS[1]: a result key. ARGV: value, ttl in ms ('' = no expiry).
+_STORE = """
+if ARGV[2] == '' then redis.call('SET', KEYS[1], ARGV[1])
+else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+"""
+
 # KEYS[1]: the join zset. ARGV: member, ttl in ms ('' = keep). Returns the member's rank.
 _ADD_MEMBER = """
 local r = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -73,6 +81,7 @@ class RedisBackend(KeyValueBackend):
         super().__init__(url, options)
         self._client_: Redis | None = None
         self._add: AsyncScript | None = None
+        self._store: AsyncScript | None = None
         self._hub: _Hub | None = None
 
     @property
@@ -83,9 +92,10 @@ class RedisBackend(KeyValueBackend):
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
                 socket_keepalive=True,
                 socket_connect_timeout=float(self.options.get("socket_connect_timeout", 5.0)),
-                socket_timeout=float(self.options.get("socket_timeout", 30.0)),
+                socket_timeout=self.options.get("socket_timeout"),  # see the transport's docs
             )
             self._add = AsyncScript(self._client_, _ADD_MEMBER)
+            self._store = AsyncScript(self._client_, _STORE)
         return self._client_
 
     async def connect(self) -> None:
@@ -121,13 +131,12 @@ class RedisBackend(KeyValueBackend):
         return values
 
     async def _set(self, key: str, value: bytes, ttl: float | None) -> None:
-        async with self._errors("store"), self.client.pipeline(transaction=False) as pipe:
-            if ttl is None:
-                pipe.set(key, value)
-            else:
-                pipe.set(key, value, px=max(1, int(ttl * 1000)))
-            pipe.publish(key, value)
-            await pipe.execute()
+        """SET (PX ttl) then PUBLISH on the key's channel: one script, one round trip."""
+        client = self.client
+        assert self._store is not None
+        px = "" if ttl is None else max(1, int(ttl * 1000))
+        async with self._errors("store"):
+            await self._store(keys=[key], args=[value, px], client=client)
 
     async def _delete(self, *keys: str) -> None:
         if keys:
@@ -260,8 +269,7 @@ class _Hub:
     async def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
-            with suppress(asyncio.CancelledError):
-                await self.reader
+            await asyncio.wait({self.reader})
         if self.ps is not None:
             with suppress(*CONN_ERRORS):
                 await self.ps.aclose()  # type: ignore[no-untyped-call]

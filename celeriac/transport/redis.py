@@ -45,12 +45,29 @@ messages, priority-major, and records them in the consumer's in-flight hash; an 
 HDEL; a consumer's heartbeat renews its expiry in ``celeriac.heartbeats``; a reaper run
 by every consumer returns expired consumers' messages (RPUSH, so they run next, flagged
 redelivered) and deletes their keys in one script, so each comes back exactly once.
-Delayed messages are never in flight, so a long ETA cannot cause a duplicate. A Celery
-client's ETA task arrives ready, with an ``eta`` header the worker honours.
+Delayed messages are never in flight, so a long ETA cannot cause a duplicate. Due ones
+are moved to their lists by the next fetch of any celeriac consumer (Celery workers see
+them only then). A Celery client's ETA task arrives ready, with an ``eta`` header the
+worker honours. Acks are batched: ``ack`` returns at once and every ack of one loop tick
+goes out in one HDEL (AMQP's basic.ack is unconfirmed too); leaving the consumer flushes.
+
+Wake-ups: an idle consumer sleeps on its queues' wake channels, polling with backoff
+(1 ms doubling to ``max_poll_interval``, 50 ms) for producers that do not PUBLISH, such
+as Celery clients, and waking early for the next delayed message due. Pub/sub ignores
+the database number, so a push in another database can cause a harmless extra fetch.
+Publishing goes through redis-py's retry (3 tries), so a connection lost after the
+server ran a publish can, rarely, publish it twice (at least once, like kombu's retry).
+Fanout exchanges are bindings like any other here: kombu publishes fanout through
+pub/sub, so a kombu producer's fanout messages do not reach celeriac queues.
 
 ``size`` counts ready plus delayed messages (not leased ones); ``purge`` drops both.
 Needs Redis >= 6.2 (RPOP count, ZADD LT); not for Redis Cluster (scripts touch keys they
 compute). Sentinel URLs are not supported yet.
+
+Clients are made with ``socket_timeout=None`` (redis-py 8 defaults to 5 s): with a socket
+timeout, redis-py sends through ``asyncio.wait_for``, which on Python 3.11 swallows a
+cancellation that lands as the send completes, so a cancelled consumer kept running.
+Dead peers are found by TCP keepalive and by the lease machinery instead.
 """
 
 from __future__ import annotations
@@ -303,7 +320,7 @@ def _client(url: str, name: str | None, retries: int, options: Mapping[str, Any]
     return Redis.from_url(
         _redis_url(url), retry=retry, client_name=name, socket_keepalive=True,
         socket_connect_timeout=float(options.get("socket_connect_timeout", 5.0)),
-        socket_timeout=float(options.get("socket_timeout", 30.0)),
+        socket_timeout=options.get("socket_timeout"),  # see the module docstring
     )
 
 
@@ -588,6 +605,7 @@ class RedisConsumer(Consumer):
         self._outstanding: set[int] = set()
         self._buffer: deque[Delivery] = deque()
         self._acks: list[int] = []
+        self._ack_retry = False  # the pending acks may have been applied already
         self._lost: list[int] = []  # tags of fetches whose reply never came
         self._room = asyncio.Event()
         self._wake = asyncio.Event()
@@ -595,6 +613,7 @@ class RedisConsumer(Consumer):
         self._tasks: list[asyncio.Task[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._down_since: float | None = None
+        self._backoff = 0.1
         self._closed = False
         self._rr = 0
 
@@ -602,13 +621,16 @@ class RedisConsumer(Consumer):
     def queues(self) -> list[QueueSpec]:
         return list(self._queues)
 
+    def _channels(self) -> list[str]:
+        return [WAKE + q.name for q in self._queues] or [WAKE]  # SUBSCRIBE needs one
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         try:
             await self._beat()
             await self._reap()
-            self._pubsub = await _subscribed(self.client, [WAKE + q.name for q in self._queues])
+            self._pubsub = await _subscribed(self.client, self._channels())
         except rexc.RedisError as exc:
             await self.client.aclose()
             raise TransportError(f"cannot start consuming from {self._t.describe()}: {exc}") \
@@ -624,13 +646,13 @@ class RedisConsumer(Consumer):
         self._closed = True
         self._room.set()
         self._wake.set()
-        if self._flusher is not None:
-            self._tasks.append(self._flusher)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait({self._flusher})  # ends after its HDEL: cancelling it could
+            # leave us unsure whether that HDEL ran
         unseen = [str(d.tag.tag) for d in self._buffer if isinstance(d.tag, _Receipt)]
         release = self._t.script("release")
         keys = [self.inflight, HEARTBEATS, CONSUMERS]
@@ -777,14 +799,14 @@ class RedisConsumer(Consumer):
 
     async def _flush(self) -> None:
         while self._acks:
-            batch = self._acks
-            self._acks = []
+            batch, retry = self._acks, self._ack_retry
+            self._acks, self._ack_retry = [], False
             try:
                 done = await self.client.hdel(self.inflight, *map(str, batch))
             except BaseException:
-                self._acks = batch + self._acks
+                self._acks, self._ack_retry = batch + self._acks, True  # HDEL is idempotent
                 raise
-            if done < len(batch):
+            if done < len(batch) and not retry:
                 logger.warning("%d acks came after consumer %s lost its lease; those messages "
                                "were already returned and may run again", len(batch) - done,
                                self.id)
@@ -872,8 +894,7 @@ class RedisConsumer(Consumer):
         while True:
             try:
                 if self._pubsub is None:
-                    self._pubsub = await _subscribed(
-                        self.client, [WAKE + q.name for q in self._queues] or [WAKE])
+                    self._pubsub = await _subscribed(self.client, self._channels())
                     self._wake.set()  # wake-ups may have been missed meanwhile
                 await self._pubsub.get_message(timeout=None)
                 self._wake.set()

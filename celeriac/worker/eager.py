@@ -29,6 +29,7 @@ def apply_eagerly(
     throw = options.get("throw")
     if throw is None:
         throw = task.app.conf.task_eager_propagates
+    links, errbacks = _as_list(options.get("link")), _as_list(options.get("link_error"))
     while True:
         ctx = Context(
             id=task_id,
@@ -40,8 +41,8 @@ def apply_eagerly(
             root_id=task_id,
             hostname="eager",
             delivery_info={"is_eager": True},
-            callbacks=options.get("link"),
-            errbacks=options.get("link_error"),
+            callbacks=links or None,
+            errbacks=errbacks or None,
         )
         token = push(task, ctx)
         try:
@@ -70,14 +71,21 @@ def apply_eagerly(
             if throw:
                 raise
             trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-            for eb in options.get("link_error") or ():
+            for eb in errbacks:
                 signature(eb, app=task.app).apply((task_id,))
             return EagerResult(
                 task_id, exc, states.FAILURE, trace, app=task.app, task_name=task.name
             )
         finally:
             pop(token)
-        for cb in options.get("link") or ():
+        for cb in links:
             sig = signature(cb, app=task.app)
             sig.apply(() if sig.immutable else (value,))
         return EagerResult(task_id, value, states.SUCCESS, app=task.app, task_name=task.name)
+
+
+def _as_list(value: Any) -> list[Any]:
+    """``link=`` takes one signature or a list of them, as in Celery."""
+    if not value:
+        return []
+    return [value] if isinstance(value, Mapping) else list(value)

@@ -366,3 +366,67 @@ def test_broadcast_and_lock() -> None:
         assert await t.try_lock("beat", "a", 5)
 
     run(body)
+
+
+def test_iteration_cancelled_at_random_points_loses_and_duplicates_nothing() -> None:
+    """A worker may cancel its consume loop at any await, even mid-fetch: what that fetch
+    leased comes back on the next one, and redis-py must not swallow the cancellation."""
+    total = 200
+
+    async def body(t: Any) -> None:
+        await t.publish_many([Outgoing(task_env(i), "", "celery") for i in range(total)])
+        seen: list[int] = []
+        async with consume(t, prefetch=7) as c:
+
+            async def pump() -> None:
+                async for d in c:
+                    seen.append(number(d))
+                    await c.ack(d)
+
+            rounds = 0
+            while len(seen) < total:
+                rounds += 1
+                task = asyncio.ensure_future(pump())
+                await asyncio.sleep(0.0005 * (rounds % 7))
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=5)
+                assert done, "cancelling the consume loop did not stop it"
+                assert rounds < 5000
+        assert sorted(seen) == list(range(total))
+        assert await t.size("celery") == 0
+
+    run(body)
+
+
+def test_backend_uses_celery_keys_and_publishes_on_them() -> None:
+    from celeriac.backends.base import ResultMeta
+    from celeriac.backends.redis import RedisBackend
+
+    async def main() -> None:
+        import redis.asyncio as aredis
+
+        backend = RedisBackend(URL)
+        raw = aredis.Redis.from_url(URL)
+        ps = raw.pubsub()
+        try:
+            await backend.connect()
+            tid = str(uuid.uuid4())
+            key = f"celery-task-meta-{tid}"
+            await ps.subscribe(key)
+            assert (await ps.get_message(timeout=5))["type"] == "subscribe"
+            await backend.store(ResultMeta(task_id=tid, status="SUCCESS", result=4), ttl=60)
+            stored = await raw.get(key)
+            assert isinstance(stored, bytes)
+            doc = json.loads(stored)
+            assert (doc["status"], doc["result"], doc["task_id"]) == ("SUCCESS", 4, tid)
+            assert 0 < await raw.pttl(key) <= 60_000
+            msg = await ps.get_message(timeout=5)
+            assert msg is not None and msg["data"] == stored  # what Celery clients wait on
+            ranks = [await backend._add_member("j", m, None) for m in ("a", "b", "a", "c")]
+            assert ranks == [1, 2, 1, 3]
+        finally:
+            await ps.aclose()  # type: ignore[no-untyped-call]
+            await raw.aclose()
+            await backend.close()
+
+    asyncio.run(main())

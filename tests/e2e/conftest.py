@@ -1,7 +1,8 @@
 """Fixtures that run real ``celeriac worker`` processes against a real broker.
 
 ``broker`` is parametrised over the embedded SQLite broker (a file in tmp_path) and Redis
-database 12 (flushed before and after each test). Redis being down, or
+database 12 (flushed before and after each test, under a file lock so that two pytest
+sessions on this machine never share it: pub/sub and queues would cross). Redis down, or
 ``celeriac.transport.redis`` not importable, fails the test under ``CI=true`` and skips
 it otherwise.
 
@@ -125,11 +126,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
         client.close()
 
 
-@pytest.fixture
-def sqlite_broker(tmp_path: Path) -> Broker:
-    return Broker("sqlite", f"sqlite:///{tmp_path / 'broker.sqlite'}", tmp_path)
-
-
 def _use(app: Celery, b: Broker) -> None:
     app.close()
     app.conf.broker_url = b.url
@@ -140,15 +136,6 @@ def _use(app: Celery, b: Broker) -> None:
 def app(broker: Broker) -> Iterator[Celery]:
     """The tasks module's app, pointed at this test's broker for the test process."""
     _use(tasks.app, broker)
-    try:
-        yield tasks.app
-    finally:
-        tasks.app.close()
-
-
-@pytest.fixture
-def sqlite_app(sqlite_broker: Broker) -> Iterator[Celery]:
-    _use(tasks.app, sqlite_broker)
     try:
         yield tasks.app
     finally:
@@ -269,14 +256,6 @@ def worker(
 ) -> Iterator[WorkerFactory]:
     """``worker(pool='prefork', concurrency=2, queues='celery,queue1,queue2', ...)``."""
     with _workers(request, broker) as factory:
-        yield factory
-
-
-@pytest.fixture
-def sqlite_worker(
-    request: pytest.FixtureRequest, sqlite_broker: Broker, sqlite_app: Celery
-) -> Iterator[WorkerFactory]:
-    with _workers(request, sqlite_broker) as factory:
         yield factory
 
 

@@ -2,10 +2,19 @@
 
 The worker forks after loading the app, so children inherit every task. Parent and child
 share a socketpair and exchange length-prefixed pickles (pickle is safe here: both ends
-are this process tree). Frames::
+are this process tree). A frame is a 4-byte big-endian length and one pickled *list* of
+messages, so everything written to a child in one loop tick costs one ``pickle.dumps``
+and one ``send``::
 
-    parent -> child   ("job", Job) | ("cancel", task_id) | ("exit",)
-    child -> parent   ("done", Outcome, runtime) | ("cancelled", task_id) | ("bye",)
+    parent -> child   (JOB, job fields) | (CANCEL, task_id) | (EXIT,)
+    child -> parent   (DONE, outcome fields, runtime) | (CANCELLED, task_id) | (BYE,)
+
+``Job`` and ``Outcome`` travel as plain tuples of their fields (in dataclass field order),
+not as dataclass instances: pickling a slotted dataclass runs its Python
+``__getstate__``/``__setstate__`` per object, which made framing the largest cost of the
+pipe on both ends. Anything inside (headers, follow-up ``Outgoing`` messages, a
+``ChordJoin``) is pickled as it is. Reads go into one preallocated buffer with
+``recv_into``: a fresh 256 KiB ``recv`` costs an mmap/mremap/munmap per call.
 
 A child runs its jobs in the order received. ``bye`` means "I ran nothing after my last
 reply and I am exiting" (max_tasks_per_child, max_memory_per_child), so jobs the parent
@@ -26,12 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import operator
 import os
 import pickle
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
 import warnings
@@ -45,26 +57,53 @@ from .base import Job, Outcome, Runner
 
 logger = logging.getLogger(__name__)
 
-_HEADER = 4
+_LENGTH = struct.Struct("!I")
+_HEADER = _LENGTH.size
 _READ_SIZE = 1 << 18
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+JOB, CANCEL, EXIT = 0, 1, 2  # parent -> child
+DONE, CANCELLED, BYE = 0, 1, 2  # child -> parent
+
+_job_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Job)))
+_outcome_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Outcome)))
 
 
-def _frame(message: tuple[Any, ...]) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(data).to_bytes(_HEADER, "big") + data
+def _frame(messages: list[tuple[Any, ...]]) -> bytes:
+    data = pickle.dumps(messages, protocol=_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
 
 
-def _parse(buf: bytearray) -> list[tuple[Any, ...]]:
-    """Take every complete frame off the front of ``buf``."""
-    messages, pos, end = [], 0, len(buf)
+def _decode(buf: memoryview | bytearray, out: list[tuple[Any, ...]]) -> int:
+    """Append the messages of every complete frame at the front of ``buf``; return bytes used."""
+    pos, end = 0, len(buf)
     while end - pos >= _HEADER:
-        stop = pos + _HEADER + int.from_bytes(buf[pos : pos + _HEADER], "big")
+        stop = pos + _HEADER + _LENGTH.unpack_from(buf, pos)[0]
         if stop > end:
             break
-        messages.append(pickle.loads(buf[pos + _HEADER : stop]))
+        out.extend(pickle.loads(buf[pos + _HEADER : stop]))
         pos = stop
-    del buf[:pos]
-    return messages
+    return pos
+
+
+class _Reader:
+    """Frames arriving on one socket; ``feed`` takes the ``n`` bytes just read into ``view``."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = bytearray()  # the start of a frame that has not fully arrived
+
+    def feed(self, view: memoryview, n: int) -> list[tuple[Any, ...]]:
+        messages: list[tuple[Any, ...]] = []
+        if self.pending:  # rare: a frame larger than one read, or split by the kernel
+            self.pending += view[:n]
+            del self.pending[: _decode(self.pending, messages)]
+        else:
+            used = _decode(view[:n], messages)
+            if used < n:
+                self.pending += view[used:n]
+        return messages
 
 
 def _describe(status: int) -> str:
@@ -94,8 +133,9 @@ class _Child:
     sock: socket.socket
     pidfd: int
     queue: deque[_Entry] = field(default_factory=deque)  # written, in order; [0] is running
-    rbuf: bytearray = field(default_factory=bytearray)
-    wbuf: bytearray = field(default_factory=bytearray)
+    reader: _Reader = field(default_factory=_Reader)
+    outbox: list[tuple[Any, ...]] = field(default_factory=list)  # framed at the next flush
+    wbuf: bytearray = field(default_factory=bytearray)  # framed, not yet taken by the kernel
     writing: bool = False
     slow: int = 0  # queued jobs not known to be fast
     sent: int = 0
@@ -131,6 +171,7 @@ class PreforkPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._empty: asyncio.Future[None] | None = None
+        self._rview = memoryview(bytearray(_READ_SIZE))  # every read lands here first
 
     # -- Pool API ---------------------------------------------------------------------
 
@@ -180,7 +221,7 @@ class PreforkPool:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signum)
                 else:  # written to the child but not started: it skips the job
-                    self._write(child, ("cancel", task_id))
+                    self._write(child, (CANCEL, task_id))
                 return True
         for entry in self._pending:
             if entry.job.task_id == task_id and not entry.fut.done():
@@ -269,7 +310,7 @@ class PreforkPool:
     def _send_exit(self, child: _Child) -> None:
         if not (child.exit_sent or child.bye or child.gone):
             child.exit_sent = True
-            self._write(child, ("exit",))
+            self._write(child, (EXIT,))
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -305,7 +346,7 @@ class PreforkPool:
             child.sent += 1
             if self._max_tasks and child.sent >= self._max_tasks:
                 child.accepting = False  # it exits by itself after this job
-            self._write(child, ("job", entry.job))
+            self._write(child, (JOB, _job_fields(entry.job)))
             if len(child.queue) == 1:
                 self._arm(child)
 
@@ -340,8 +381,8 @@ class PreforkPool:
 
     def _handle(self, child: _Child, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "done":
-            outcome, runtime = message[1], message[2]
+        if kind == DONE:
+            outcome, runtime = Outcome(*message[1]), message[2]
             entry = self._take(child, outcome.task_id)
             if entry is not None:
                 name = entry.job.name
@@ -349,12 +390,12 @@ class PreforkPool:
                 self._runtimes[name] = runtime if average is None else 0.7 * average + 0.3 * runtime
                 if not entry.fut.done():
                     entry.fut.set_result(outcome)
-        elif kind == "cancelled":
+        elif kind == CANCELLED:
             entry = self._take(child, message[1])
             if entry is not None and not entry.fut.done():
                 exc = Terminated(entry.signum)
                 entry.fut.set_result(self._runner.lost(entry.job, exc))
-        elif kind == "bye":
+        elif kind == BYE:
             child.bye = True
             child.accepting = False
 
@@ -366,7 +407,7 @@ class PreforkPool:
     # -- I/O --------------------------------------------------------------------------
 
     def _write(self, child: _Child, message: tuple[Any, ...]) -> None:
-        child.wbuf += _frame(message)
+        child.outbox.append(message)
         self._dirty.add(child)
         if self._flush_handle is None and self._loop is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -380,6 +421,9 @@ class PreforkPool:
     def _send(self, child: _Child) -> None:
         if child.gone:
             return
+        if child.outbox:
+            child.wbuf += _frame(child.outbox)
+            child.outbox = []
         try:
             sent = child.sock.send(child.wbuf)
         except (BlockingIOError, InterruptedError):
@@ -388,29 +432,28 @@ class PreforkPool:
             child.wbuf.clear()
             sent = 0
         del child.wbuf[:sent]
-        loop = self._loop
-        assert loop is not None
         if child.wbuf and not child.writing:
-            loop.add_writer(child.sock.fileno(), self._send, child)
+            assert self._loop is not None
+            self._loop.add_writer(child.sock.fileno(), self._send, child)
             child.writing = True
         elif not child.wbuf and child.writing:
-            loop.remove_writer(child.sock.fileno())
+            assert self._loop is not None
+            self._loop.remove_writer(child.sock.fileno())
             child.writing = False
 
     def _on_readable(self, child: _Child) -> None:
         try:
-            data = child.sock.recv(_READ_SIZE)
+            n = child.sock.recv_into(self._rview)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             assert self._loop is not None
             self._loop.remove_reader(child.sock.fileno())
             self._check_exit(child)
             return
-        child.rbuf += data
-        for message in _parse(child.rbuf):
+        for message in child.reader.feed(self._rview, n):
             self._handle(child, message)
         self._after_reply(child)
 
@@ -430,16 +473,17 @@ class PreforkPool:
     def _finalize(self, child: _Child, status: int) -> None:
         loop = self._loop
         assert loop is not None
+        messages: list[tuple[Any, ...]] = []
         while True:  # replies written before it died
             try:
-                data = child.sock.recv(_READ_SIZE)
+                n = child.sock.recv_into(self._rview)
             except OSError:
                 break
-            if not data:
+            if not n:
                 break
-            child.rbuf += data
+            messages += child.reader.feed(self._rview, n)
         child.gone = True
-        for message in _parse(child.rbuf):
+        for message in messages:
             self._handle(child, message)
         fd = child.sock.fileno()
         loop.remove_reader(fd)
@@ -543,62 +587,66 @@ class _ChildLoop:
         self.runner = runner
         self.max_tasks = max_tasks
         self.max_memory = max_memory
-        self.buf = bytearray()
+        self.view = memoryview(bytearray(_READ_SIZE))
+        self.reader = _Reader()
         self.jobs: deque[Job] = deque()
         self.cancelled: set[str] = set()
         self.exiting = False
         self.armed = False
+        self.pid = os.getpid()
 
     def run(self) -> int:
         signal.signal(signal.SIGALRM, self._on_alarm)
         done = 0
+        jobs = self.jobs
         while True:
-            if not self._read(block=not self.jobs):
+            if not self._read(block=not jobs):
                 return 0  # the parent is gone
-            if not self.jobs:
+            if not jobs:
                 if self.exiting:
                     return 0
                 continue
-            job = self.jobs.popleft()
+            job = jobs.popleft()
             if job.task_id in self.cancelled:
                 self.cancelled.discard(job.task_id)
-                self._reply(("cancelled", job.task_id))
+                self._reply((CANCELLED, job.task_id))
                 continue
             outcome, runtime = self._execute(job)
             try:
-                frame = _frame(("done", outcome, runtime))
+                frame = _frame([(DONE, _outcome_fields(outcome), runtime)])
             except Exception as exc:  # something in the outcome does not pickle
-                frame = _frame(("done", self.runner.lost(job, exc), runtime))
+                lost = _outcome_fields(self.runner.lost(job, exc))
+                frame = _frame([(DONE, lost, runtime)])
             self.sock.sendall(frame)
             done += 1
             if (self.max_tasks and done >= self.max_tasks) or self._over_memory():
-                self._reply(("bye",))
+                self._reply((BYE,))
                 return 0
 
     def _read(self, *, block: bool) -> bool:
         """Take frames off the socket; wait for at least one when ``block``."""
         while True:
             try:
-                data = self.sock.recv(_READ_SIZE, 0 if block else socket.MSG_DONTWAIT)
+                n = self.sock.recv_into(self.view, 0, 0 if block else socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return True
-            if not data:
+            if not n:
                 return False
-            self.buf += data
-            messages = _parse(self.buf)
+            messages = self.reader.feed(self.view, n)
             for message in messages:
-                if message[0] == "job":
-                    self.jobs.append(message[1])
-                elif message[0] == "cancel":
+                kind = message[0]
+                if kind == JOB:
+                    self.jobs.append(Job(*message[1]))
+                elif kind == CANCEL:
                     if any(job.task_id == message[1] for job in self.jobs):
                         self.cancelled.add(message[1])
-                elif message[0] == "exit":
+                elif kind == EXIT:
                     self.exiting = True
             if messages or not block:
                 return True
 
     def _reply(self, message: tuple[Any, ...]) -> None:
-        self.sock.sendall(_frame(message))
+        self.sock.sendall(_frame([message]))
 
     def _execute(self, job: Job) -> tuple[Outcome, float]:
         started = time.perf_counter()
@@ -615,7 +663,7 @@ class _ChildLoop:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException as exc:  # a runner bug, or the alarm landing after the task
             outcome = self.runner.lost(job, exc)
-        outcome.worker_pid = os.getpid()
+        outcome.worker_pid = self.pid
         return outcome, time.perf_counter() - started
 
     def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
