@@ -271,7 +271,8 @@ class Celery:
             if callable(entry):
                 found = entry(task)
             elif isinstance(entry, Mapping):
-                found = entry.get(task.name) or entry.get("*")
+                # Celery applies the exact match and the '*' wildcard, the exact one last.
+                found = {**(entry.get("*") or {}), **(entry.get(task.name) or {})}
             for key, value in (found or {}).items():
                 setattr(task, key, value)
 
@@ -650,11 +651,13 @@ def current_app() -> Celery:
 class _SharedTask:
     """``@shared_task``: resolves to the current app's copy of the task on each use."""
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    def __init__(self, fun: Callable[..., Any], opts: dict[str, Any]) -> None:
+        self._fun = fun
+        self._opts = opts
 
     def _task(self) -> Task[..., Any]:
-        return current_app().tasks[self._name]
+        # Registering is idempotent, and each app names a __main__ function after itself.
+        return current_app()._task_from_fun(self._fun, **self._opts)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._task(), attr)
@@ -671,13 +674,9 @@ def shared_task(*args: Any, **opts: Any) -> Any:
 
     def deco(fun: Callable[..., Any]) -> Any:
         _shared.append((fun, opts))
-        name = None
-        for app in list(_apps) or [current_app()]:
-            name = app._task_from_fun(fun, **opts).name
-        if current_app() not in _apps:
-            current_app()._task_from_fun(fun, **opts)
-        assert name is not None
-        return _SharedTask(name)
+        for app in {*_apps, current_app()}:
+            app._task_from_fun(fun, **opts)
+        return _SharedTask(fun, opts)
 
     if len(args) == 1 and callable(args[0]) and not opts:
         return deco(args[0])

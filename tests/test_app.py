@@ -1,8 +1,5 @@
 """The app: settings, task registration and naming, and the send path (memory broker)."""
 
-# Celery.task() is typed as returning Any, so mypy calls every @app.task untyped.
-# mypy: disable-error-code="untyped-decorator"
-
 from __future__ import annotations
 
 import sys
@@ -226,7 +223,7 @@ def test_unknown_task_option_is_a_type_error_with_a_suggestion(app: Celery) -> N
 
 def test_task_decorator_rejects_positional_options(app: Celery) -> None:
     with pytest.raises(TypeError, match="keyword"):
-        app.task("name")
+        app.task("name")  # type: ignore[call-overload]
 
 
 def test_registering_the_same_function_twice_keeps_one_task(app: Celery) -> None:
@@ -377,7 +374,7 @@ def test_shared_task_registers_on_every_app(url: str, isolated_shared_tasks: Non
 def test_shared_task_with_options(url: str, isolated_shared_tasks: None) -> None:
     app = Celery("opts", broker=url)
 
-    @shared_task(name="shared.custom", ignore_result=True, bind=True)
+    @shared_task(name="shared.custom", ignore_result=True, bind=True)  # type: ignore[untyped-decorator]
     def custom(self: Task[..., Any]) -> str:
         return self.name
 
@@ -388,7 +385,7 @@ def test_shared_task_with_options(url: str, isolated_shared_tasks: None) -> None
 def test_tutorial_task_decorator(url: str, isolated_shared_tasks: None) -> None:
     app = Celery("vege", broker=url)
 
-    @task()
+    @task()  # type: ignore[untyped-decorator]
     def add(x: int, y: int) -> int:
         return x + y
 
@@ -396,8 +393,6 @@ def test_tutorial_task_decorator(url: str, isolated_shared_tasks: None) -> None:
     assert add(1, 2) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="app.py: _SharedTask keeps the name made by one app; "
-                   "for a __main__ function each app names it after app.main")
 def test_shared_task_in_main_module_resolves_on_the_current_app(
     url: str, isolated_shared_tasks: None
 ) -> None:

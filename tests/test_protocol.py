@@ -1,8 +1,5 @@
 """Celery message protocol v2 as celery-wire.md §4.1 describes it: headers, body, v1."""
 
-# Celery.task() is typed as returning Any, so mypy calls every @app.task untyped.
-# mypy: disable-error-code="untyped-decorator"
-
 from __future__ import annotations
 
 import base64

@@ -1,8 +1,5 @@
 """Result handles on the memory backend, and rebuilding stored exceptions safely."""
 
-# Celery.task() is typed as returning Any, so mypy calls every @app.task untyped.
-# mypy: disable-error-code="untyped-decorator"
-
 from __future__ import annotations
 
 import datetime as dt

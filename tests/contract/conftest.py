@@ -1,4 +1,4 @@
-"""Broker fixtures for the transport contract suite: memory, sqlite and Redis db 15.
+"""Broker fixtures for the transport contract suite: memory, sqlite, Redis db 15, RabbitMQ.
 
 A server that is down (or a transport module not written yet) fails the test under
 ``CI=true`` and skips it otherwise, as dramatiq's conftest does.
@@ -6,6 +6,7 @@ A server that is down (or a transport module not written yet) fails the test und
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import uuid
@@ -17,6 +18,12 @@ from typing import Any
 import pytest
 
 REDIS_BROKER_URL = "redis://127.0.0.1:6379/15"
+AMQP_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+#: The queue and exchange names the suite uses: deleted (with delay chains and dead-letter
+#: queues) before and after each RabbitMQ test, the way Redis db 15 is flushed.
+AMQP_QUEUES = ("q", "a", "b", "q1", "q2", "never-used", "brand-new-queue", "work",
+               "d1", "d2", "d3", "t1", "t2", "t3", "f1", "f2")
+AMQP_EXCHANGES = ("dx", "tx", "fx", "ghost", "celeriac.bc.ch", "celeriac.bc.other")
 #: Short leases so "a live consumer keeps its lease" is checked past the timeout.
 LEASE_OPTIONS = {"lease_timeout": 1.5, "heartbeat_interval": 0.2}
 
@@ -54,7 +61,31 @@ def _redis_db15() -> Any:
     return client
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+def _amqp_reset() -> None:
+    try:
+        amqp = importlib.import_module("celeriac.transport.amqp")
+        import aiormq
+    except ImportError as exc:
+        unavailable(f"celeriac.transport.amqp cannot be imported: {exc}")
+
+    async def reset() -> None:
+        conn = await aiormq.connect(AMQP_BROKER_URL)
+        ch = await conn.channel()
+        for name in (n for q in AMQP_QUEUES for n in (q, q + ".dead")):
+            for queue in (name, *amqp.delay_queues(name)):
+                await ch.queue_delete(queue, nowait=True)
+        for exchange in AMQP_EXCHANGES:
+            await ch.exchange_delete(exchange, nowait=True)
+        await ch.basic_qos(prefetch_count=0)  # a round trip: the deletes above are done
+        await conn.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(reset(), 30))
+    except (OSError, ConnectionError) as exc:
+        unavailable(f"RabbitMQ is not reachable at {AMQP_BROKER_URL}: {exc}")
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "amqp"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     kind = request.param
     if kind == "memory":
@@ -65,6 +96,12 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
         memory.reset(url)
     elif kind == "sqlite":
         yield Broker(kind, f"sqlite:///{tmp_path / 'broker.sqlite'}", dict(LEASE_OPTIONS))
+    elif kind == "amqp":
+        _amqp_reset()
+        try:
+            yield Broker(kind, AMQP_BROKER_URL)
+        finally:
+            _amqp_reset()
     else:
         client = _redis_db15()
         client.flushdb()

@@ -1,0 +1,845 @@
+"""RabbitMQ broker (AMQP 0-9-1 through aio-pika/aiormq): native routing, priorities, acks.
+
+URL: ``amqp://user:password@host:5672/vhost`` (Celery's ``//`` means vhost ``/``),
+``amqps://`` and ``pyamqp://`` (same as ``amqp://``); a bare ``amqp://`` is
+``guest:guest@localhost``. Options: ``retry_timeout`` (20 s: how long a call waits for a
+lost connection to come back before TransportError), ``connect_timeout`` (10 s),
+``reconnect_interval`` (1 s).
+
+Broker objects, all in the URL's vhost:
+
+================================  ========  ================================================
+name                              kind      content
+================================  ========  ================================================
+``<queue>``                       queue     durable, ``x-max-priority`` = the spec's
+                                            ``max_priority`` or 9 (none on quorum/stream
+                                            queues), bound to its exchange. Messages are
+                                            Celery's: protocol-v2 headers as AMQP headers,
+                                            the body bytes, properties correlation_id,
+                                            reply_to, content_type/encoding, delivery_mode,
+                                            priority, so Celery workers consume them.
+``<queue>.dead``                  queue     ordinary queue: a copy of each message rejected
+                                            without requeue, with ``x-dead-reason``
+``celeriac.delay.NN`` (31..00)    exchange  topic; level NN of the delay cascade
+``celeriac.delay.due``            exchange  topic; end of the cascade, binds each queue
+                                            with a delay chain by ``#.<tag>``
+``celeriac.delay.<queue>.NN``     queue     ``x-message-ttl`` 2^NN ms; dead-letters to
+                                            exchange NN-1 (``due`` after 00)
+``celeriac.lock.<name>``          queue     exclusive: exists while ``try_lock`` is held
+``celeriac.bc.<channel>``         exchange  fanout; each subscriber binds an exclusive
+                                            auto-delete server-named queue
+================================  ========  ================================================
+
+**Delay** (``not_before``) is kept by the broker in binary levels (kombu's native delayed
+delivery scheme, per queue). The routing key is the delay in ms as 32 binary digits (bit
+31 first), then ``<tag>`` (16 hex digits of the queue name's blake2b). Exchange NN routes
+a message whose bit NN is 1 to ``celeriac.delay.<queue>.NN`` and one whose bit is 0 on to
+exchange NN-1. A level queue's messages all share one TTL, so they expire in arrival
+order: no head-of-line blocking, which a single queue with a per-message ``expiration``
+has (RabbitMQ only expires a queue's head, so a long delay holds up shorter ones behind
+it). The chains are per queue, unlike kombu's shared levels, so ``size`` and ``purge``
+count and drop a queue's delayed messages; a chain is made on a queue's first delayed
+message and stays. A delay to a named exchange (whose queues a producer cannot know) or
+beyond 2^32 ms (49.7 days) is published now (or after the maximum) with header
+``x-celeriac-not-before`` (unix ms); a celeriac consumer that receives it early parks it in its
+queue's chain (publish, then ack) instead of yielding it, and a Celery worker honours
+the ``eta`` header.
+
+**Leases** are unacked deliveries on the consumer's channel: closing the channel, or
+losing the connection, returns them and RabbitMQ flags them redelivered. Prefetch is
+``basic.qos`` per consumer (RabbitMQ applies a change only to consumers started after
+it, so ``set_prefetch`` re-subscribes), plus a client-side cap: at most ``prefetch``
+deliveries are handed out unsettled across all queues.
+
+**Publishing** uses publisher confirms and ``mandatory``: a call returns once RabbitMQ
+has the message, and an unroutable one raises TransportError (``publish_many`` is not
+atomic: earlier messages of the batch stay published). Publishing on exchange ``""`` to
+a queue that does not exist declares it first, as Celery does.
+
+**Celery on the same vhost**: Celery declares queues without ``x-max-priority`` and
+RabbitMQ refuses a re-declaration with other arguments, so set Celery's
+``task_queue_max_priority = 9`` (the error names the queue if they differ).
+
+**try_lock** holds the exclusive queue ``celeriac.lock.<name>`` on this connection; the
+owner's timer deletes it after ``ttl`` unless renewed, and RabbitMQ deletes it when the
+connection dies, so a dead leader's lock goes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from aiormq import exceptions as aexc
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp import commands as spec
+
+from .base import (
+    MAX_PRIORITY,
+    Consumer,
+    Delivery,
+    Envelope,
+    Features,
+    Outgoing,
+    QueueSpec,
+    Transport,
+    TransportError,
+    clamp_priority,
+    dead_letter_name,
+    with_dead_reason,
+)
+
+__all__ = ["AMQPConsumer", "AMQPTransport", "delay_queues"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEVELS = 32
+MAX_DELAY_MS = 2**LEVELS - 1
+DELAY = "celeriac.delay."
+DUE = "celeriac.delay.due"
+LOCK = "celeriac.lock."
+BROADCAST = "celeriac.bc."
+NOT_BEFORE = "x-celeriac-not-before"
+# RabbitMQ's dead-lettering history. Dropped from messages that went through our delay
+# chain: a copy re-published with it would look like a dead-letter cycle and be dropped.
+DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+         "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+CONN_ERRORS = (aexc.AMQPConnectionError, aexc.ChannelInvalidStateError, ConnectionError,
+               OSError)
+LISTEN_ERRORS = (*CONN_ERRORS, aexc.AMQPError, TransportError)
+
+
+# -- names and encodings ------------------------------------------------------------------
+
+
+def exchange_name(level: int) -> str:
+    """Delay exchange of ``level``; level -1 is the end of the cascade."""
+    return f"{DELAY}{level:02d}" if level >= 0 else DUE
+
+
+def delay_queue(queue: str, level: int) -> str:
+    return f"{DELAY}{queue}.{level:02d}"
+
+
+def delay_queues(queue: str) -> list[str]:
+    """Every queue of ``queue``'s delay chain (they exist once it had a delayed message)."""
+    return [delay_queue(queue, k) for k in range(LEVELS)]
+
+
+def queue_tag(queue: str) -> str:
+    return hashlib.blake2b(queue.encode(), digest_size=8).hexdigest()
+
+
+def delay_key(delay_ms: int, queue: str) -> str:
+    bits = format(min(max(delay_ms, 0), MAX_DELAY_MS), f"0{LEVELS}b")
+    return ".".join(bits) + "." + queue_tag(queue)
+
+
+def _pattern(level: int, bit: str, tail: str) -> str:
+    """Topic pattern matching ``bit`` at ``level``'s position of a delay key."""
+    return "*." * (LEVELS - 1 - level) + bit + "." + tail
+
+
+def queue_arguments(queue: QueueSpec) -> dict[str, Any]:
+    args = dict(queue.arguments)
+    if args.get("x-queue-type", "classic") == "classic":
+        args.setdefault(
+            "x-max-priority", MAX_PRIORITY if queue.max_priority is None else queue.max_priority)
+    return args
+
+
+def amqp_url(url: str) -> str:
+    """Celery's URL forms to the ``amqp(s)://`` that aio-pika takes."""
+    scheme, _, rest = url.partition("://")
+    if not rest or rest[0] in "/?":
+        rest = "guest:guest@localhost" + rest
+    return ("amqps" if scheme.lower() == "amqps" else "amqp") + "://" + rest
+
+
+def _table(value: Any) -> Any:
+    """AMQP tables take lists and dicts, not tuples (Celery's ``timelimit`` is one)."""
+    if isinstance(value, Mapping):
+        return {str(k): _table(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_table(v) for v in value]
+    return value
+
+
+def _properties(env: Envelope, not_before: float | None) -> spec.Basic.Properties:
+    headers = _table(env.headers)
+    if not_before is not None:
+        headers[NOT_BEFORE] = int(not_before * 1000)  # ms: AMQP floats are 32-bit
+        for key in DEATH:
+            headers.pop(key, None)
+    return spec.Basic.Properties(
+        content_type=env.content_type, content_encoding=env.content_encoding,
+        headers=headers, delivery_mode=2 if env.persistent else 1,
+        priority=clamp_priority(env.priority), correlation_id=env.correlation_id,
+        reply_to=env.reply_to)
+
+
+def _envelope(msg: DeliveredMessage) -> Envelope:
+    p = msg.header.properties
+    headers = dict(p.headers or {})
+    if headers.pop(NOT_BEFORE, None) is not None:
+        for key in DEATH:
+            headers.pop(key, None)
+    return Envelope(
+        body=msg.body, headers=headers, content_type=p.content_type or "application/json",
+        content_encoding=p.content_encoding or "utf-8", priority=p.priority,
+        correlation_id=p.correlation_id, reply_to=p.reply_to or None,
+        persistent=p.delivery_mode != 1)
+
+
+def _not_before(msg: DeliveredMessage) -> float | None:
+    value = (msg.header.properties.headers or {}).get(NOT_BEFORE)
+    return value / 1000 if isinstance(value, int) else None
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(a) for a in exc.args) or type(exc).__name__
+
+
+@dataclass(slots=True)
+class _Send:
+    item: Outgoing | None  # None for broadcasts
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: spec.Basic.Properties
+    mandatory: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    owner: str
+    expires: float
+    connection: object
+    timer: asyncio.TimerHandle | None = None
+
+
+class AMQPTransport(Transport):
+    """One robust connection; short-lived work on two shared channels (admin, publish)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps", "pyamqp")
+    features: ClassVar[Features] = Features(native_routing=True, push_delivery=True)
+
+    def __init__(self, url: str = "amqp://guest:guest@localhost:5672//",
+                 options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, options)
+        self.retry_timeout = float(self.options.get("retry_timeout", 20.0))
+        self.connect_timeout = float(self.options.get("connect_timeout", 10.0))
+        self.reconnect_interval = float(self.options.get("reconnect_interval", 1.0))
+        self._conn: AbstractRobustConnection | None = None
+        self._channels: dict[str, AbstractChannel] = {}
+        self._conn_lock = asyncio.Lock()
+        self._chan_lock = asyncio.Lock()
+        self._known: set[str] = set()  # queues known to exist
+        self._chains: set[str] = set()  # queues whose delay chain exists
+        self._exchanges: set[str] = set()
+        self._topology = False
+        self._locks: dict[str, _Held] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- connection and channels --------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._connection()
+
+    async def _connection(self) -> AbstractRobustConnection:
+        if self._conn is not None and not self._conn.is_closed:
+            return self._conn
+        async with self._conn_lock:
+            if self._conn is None or self._conn.is_closed:
+                try:
+                    conn = await aio_pika.connect_robust(
+                        amqp_url(self.url), timeout=self.connect_timeout,
+                        reconnect_interval=self.reconnect_interval,
+                        client_properties={"connection_name": "celeriac"})
+                except (aexc.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                    raise TransportError(
+                        f"cannot reach RabbitMQ at {self.describe()}: {_reason(exc)}") from exc
+                conn.reconnect_callbacks.add(self._reconnected)
+                self._conn = conn
+        return self._conn
+
+    def _reconnected(self, *_: Any) -> None:
+        logger.info("reconnected to RabbitMQ at %s", self.describe())
+
+    async def _underlay(self) -> AbstractConnection:
+        """The current aiormq connection, waiting up to ``retry_timeout`` for a reconnect."""
+        conn = await self._connection()
+        try:
+            await asyncio.wait_for(conn.ready(), self.retry_timeout)
+        except TimeoutError:
+            raise TransportError(f"RabbitMQ at {self.describe()} has been unreachable for "
+                                 f"{self.retry_timeout:g} s") from None
+        if conn.transport is None:
+            raise ConnectionError("connection is being re-established")
+        return conn.transport.connection
+
+    async def open_channel(self, *, confirms: bool = False) -> AbstractChannel:
+        under = await self._underlay()
+        try:
+            ch: AbstractChannel = await under.channel(
+                publisher_confirms=confirms, on_return_raises=confirms)
+        except RuntimeError as exc:  # aiormq: the connection closed meanwhile
+            raise ConnectionError(str(exc)) from exc
+        return ch
+
+    async def _channel(self, slot: str) -> AbstractChannel:
+        ch = self._channels.get(slot)
+        if ch is None or ch.is_closed:
+            async with self._chan_lock:
+                ch = self._channels.get(slot)
+                if ch is None or ch.is_closed:
+                    ch = await self.open_channel(confirms=slot == "pub")
+                    self._channels[slot] = ch
+        return ch
+
+    async def _admin(self, op: Callable[[AbstractChannel], Awaitable[T]]) -> T:
+        """Run ``op`` on the admin channel, retrying through a reconnect. A broker error
+        closes that channel (the next call opens another) and reaches ``op``'s caller."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await op(await self._channel("admin"))
+            except CONN_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(
+                        f"RabbitMQ at {self.describe()} is unavailable: {_reason(exc)}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        for held in self._locks.values():
+            if held.timer is not None:
+                held.timer.cancel()
+        self._locks.clear()
+        for task in list(self._background):
+            task.cancel()
+        conn, self._conn = self._conn, None
+        self._channels.clear()
+        if conn is not None:
+            with suppress(*LISTEN_ERRORS):
+                await conn.close()
+
+    # -- declarations ---------------------------------------------------------------------
+
+    async def declare(self, queues: Sequence[QueueSpec]) -> None:
+        for queue in queues:
+            await self._admin(partial(self._declare, queue=queue))
+            self._known.add(queue.name)
+
+    async def _declare(self, ch: AbstractChannel, queue: QueueSpec) -> None:
+        q = queue
+        if q.exchange:
+            try:
+                await ch.exchange_declare(q.exchange, exchange_type=q.exchange_type,
+                                          durable=True, passive=q.exchange.startswith("amq."))
+            except aexc.ChannelPreconditionFailed as exc:
+                raise TransportError(
+                    f"exchange {q.exchange!r} already exists with another type or durability "
+                    f"than {q.exchange_type}, durable ({_reason(exc)})") from None
+        args = queue_arguments(q)
+        try:
+            await ch.queue_declare(q.name, durable=q.durable, auto_delete=q.auto_delete,
+                                   arguments=args)
+        except aexc.ChannelPreconditionFailed as exc:
+            raise TransportError(
+                f"queue {q.name!r} already exists with other settings than durable={q.durable}, "
+                f"auto_delete={q.auto_delete}, arguments={args!r} ({_reason(exc)}); delete it or "
+                f"declare it alike everywhere (Celery: task_queue_max_priority = 9)") from None
+        except aexc.ChannelLockedResource as exc:
+            raise TransportError(f"queue {q.name!r} is another connection's exclusive queue "
+                                 f"({_reason(exc)})") from None
+        if q.exchange:
+            await ch.queue_bind(q.name, q.exchange, routing_key=q.routing_key)
+
+    async def _ensure_queue(self, name: str) -> None:
+        """Exchange ``""`` always routes: declare a queue the first time it is named."""
+        if name in self._known or not name or name.startswith("amq."):
+            return
+
+        async def op(ch: AbstractChannel) -> None:
+            with suppress(aexc.ChannelPreconditionFailed, aexc.ChannelLockedResource,
+                          aexc.ChannelAccessRefused):  # it exists, as someone else declared it
+                await ch.queue_declare(name, durable=True,
+                                       arguments={"x-max-priority": MAX_PRIORITY})
+
+        await self._admin(op)
+        self._known.add(name)
+
+    async def _ensure_chain(self, queue: str) -> None:
+        if queue in self._chains:
+            return
+        if not self._topology:
+            await self._admin(self._declare_topology)
+            self._topology = True
+        tag = queue_tag(queue)
+
+        async def op(ch: AbstractChannel) -> None:
+            for k in range(LEVELS):
+                name = delay_queue(queue, k)
+                await ch.queue_declare(name, durable=True, arguments={
+                    "x-message-ttl": 2**k, "x-dead-letter-exchange": exchange_name(k - 1)})
+                await ch.queue_bind(name, exchange_name(k), _pattern(k, "1", "*." * k + tag))
+            await ch.queue_bind(queue, DUE, "#." + tag)
+
+        await self._admin(op)
+        self._chains.add(queue)
+
+    @staticmethod
+    async def _declare_topology(ch: AbstractChannel) -> None:
+        await ch.exchange_declare(DUE, exchange_type="topic", durable=True)
+        for k in range(LEVELS):
+            await ch.exchange_declare(exchange_name(k), exchange_type="topic", durable=True)
+            await ch.exchange_bind(exchange_name(k - 1), exchange_name(k),
+                                   _pattern(k, "0", "#"))
+
+    async def _has_chain(self, queue: str) -> bool:
+        if queue not in self._chains and await self._count(delay_queue(queue, 0)) is not None:
+            self._chains.add(queue)
+        return queue in self._chains
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        sends = [await self._prepare(item) for item in items]
+        await self._send_all(sends)
+
+    async def _prepare(self, item: Outgoing) -> _Send:
+        exchange, key, env = item.exchange, item.routing_key, item.envelope
+        delay_ms = 0
+        if item.not_before is not None:
+            delay_ms = math.ceil((item.not_before - time.time()) * 1000)
+        if not exchange:
+            await self._ensure_queue(key)
+        props = _properties(env, item.not_before if delay_ms > 0 else None)
+        if delay_ms > 0 and not exchange:
+            await self._ensure_chain(key)
+            exchange, key = exchange_name(LEVELS - 1), delay_key(delay_ms, key)
+        return _Send(item, exchange, key, env.body, props)
+
+    async def _send_all(self, sends: list[_Send]) -> None:
+        """Pipeline the publishes on one confirming channel; resend what a lost connection
+        left unconfirmed (at-least-once) until ``retry_timeout``."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while sends:
+            ch = await self._channel("pub")
+            results = await asyncio.gather(
+                *(ch.basic_publish(s.body, exchange=s.exchange, routing_key=s.routing_key,
+                                   properties=s.properties, mandatory=s.mandatory)
+                  for s in sends), return_exceptions=True)
+            retry = []
+            for send, result in zip(sends, results, strict=True):
+                if isinstance(result, CONN_ERRORS) or (
+                        isinstance(result, asyncio.CancelledError) and ch.is_closed):
+                    retry.append(send)
+                elif isinstance(result, BaseException):
+                    raise self._publish_error(send, result)
+            if retry and time.monotonic() + delay > deadline:
+                raise TransportError(f"publishing to RabbitMQ at {self.describe()} failed: "
+                                     f"the connection did not come back in time")
+            if retry:
+                logger.warning("RabbitMQ connection lost while publishing; resending %d "
+                               "unconfirmed messages", len(retry))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            sends = retry
+
+    def _publish_error(self, send: _Send, exc: BaseException) -> BaseException:
+        item = send.item
+        exchange = item.exchange if item else send.exchange
+        key = item.routing_key if item else send.routing_key
+        if isinstance(exc, aexc.PublishError):
+            self._known.discard(key)  # a queue we thought existed may have been deleted
+            return TransportError(f"unroutable message: exchange {exchange!r} has no queue "
+                                  f"bound for routing key {key!r} ({_reason(exc)})")
+        if isinstance(exc, aexc.ChannelNotFoundEntity):
+            self._exchanges.discard(exchange)
+            return TransportError(f"cannot publish to exchange {exchange!r} with routing key "
+                                  f"{key!r}: {_reason(exc)}")
+        if isinstance(exc, aexc.AMQPError):
+            return TransportError(f"RabbitMQ refused a message for exchange {exchange!r}, "
+                                  f"routing key {key!r}: {exc}")
+        if isinstance(exc, TypeError):
+            return TransportError(f"message headers cannot be encoded for AMQP: {exc}")
+        return exc
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def consumer(self, queues: Sequence[QueueSpec], *, prefetch: int,
+                 consumer_id: str) -> AbstractAsyncContextManager[Consumer]:
+        return self._consume(queues, prefetch, consumer_id)
+
+    @asynccontextmanager
+    async def _consume(self, queues: Sequence[QueueSpec], prefetch: int,
+                       consumer_id: str) -> AsyncIterator[Consumer]:
+        consumer = AMQPConsumer(self, list(queues), prefetch, consumer_id)
+        await consumer.start()
+        try:
+            yield consumer
+        finally:
+            await consumer.stop()
+
+    async def _count(self, name: str) -> int | None:
+        """Ready messages in ``name``; None if there is no such queue."""
+
+        async def op(ch: AbstractChannel) -> int | None:
+            try:
+                ok = await ch.queue_declare(name, passive=True)
+            except (aexc.ChannelNotFoundEntity, aexc.ChannelLockedResource):
+                return None
+            return int(ok.message_count or 0)
+
+        return await self._admin(op)
+
+    async def _purge_one(self, name: str) -> int:
+        async def op(ch: AbstractChannel) -> int:
+            try:
+                ok = await ch.queue_purge(name)
+            except (aexc.ChannelNotFoundEntity, aexc.ChannelLockedResource):
+                return 0
+            return int(ok.message_count or 0)
+
+        return await self._admin(op)
+
+    async def size(self, queue: str) -> int:
+        """Ready plus delayed messages; unacked ones belong to their consumer."""
+        names = [queue, *(delay_queues(queue) if await self._has_chain(queue) else [])]
+        return sum([await self._count(n) or 0 for n in names])
+
+    async def purge(self, queue: str) -> int:
+        names = [queue, *(delay_queues(queue) if await self._has_chain(queue) else [])]
+        return sum([await self._purge_one(n) for n in names])
+
+    # -- broadcast ------------------------------------------------------------------------
+
+    async def _ensure_fanout(self, exchange: str) -> None:
+        if exchange not in self._exchanges:
+            await self._admin(lambda ch: ch.exchange_declare(
+                exchange, exchange_type="fanout", durable=True))
+            self._exchanges.add(exchange)
+
+    async def broadcast(self, channel: str, payload: bytes) -> None:
+        exchange = BROADCAST + channel
+        await self._ensure_fanout(exchange)
+        props = spec.Basic.Properties(delivery_mode=1, content_type="application/octet-stream")
+        await self._send_all([_Send(None, exchange, "", payload, props, mandatory=False)])
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._subscribe(channel)
+
+    @asynccontextmanager
+    async def _subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        sub = _Subscriber(self, BROADCAST + channel)
+        await sub.start()
+        try:
+            yield sub.payloads()
+        finally:
+            await sub.stop()
+
+    # -- locks ----------------------------------------------------------------------------
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        queue = LOCK + name
+        under = await self._underlay()
+        now = time.monotonic()
+        held = self._locks.get(name)
+        if held is not None and (held.connection is not under or held.expires <= now):
+            self._drop_lock(name)  # expired, or lost with an old connection
+            held = None
+        if held is not None and held.owner != owner:
+            return False
+
+        async def op(ch: AbstractChannel) -> bool:
+            try:
+                await ch.queue_declare(queue, exclusive=True)
+            except aexc.ChannelLockedResource:
+                return False  # another connection holds it
+            return True
+
+        if not await self._admin(op):
+            self._drop_lock(name)
+            return False
+        self._drop_lock(name)
+        entry = _Held(owner, now + ttl, under)
+        entry.timer = asyncio.get_running_loop().call_later(ttl, self._expire, name, entry)
+        self._locks[name] = entry
+        return True
+
+    def _drop_lock(self, name: str) -> None:
+        held = self._locks.pop(name, None)
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
+
+    def _expire(self, name: str, entry: _Held) -> None:
+        if self._locks.get(name) is not entry:
+            return
+        del self._locks[name]
+
+        async def unlock() -> None:
+            if name not in self._locks:  # not re-taken meanwhile by an owner on this connection
+                with suppress(*LISTEN_ERRORS):
+                    await self._admin(lambda ch: ch.queue_delete(LOCK + name))
+
+        task = asyncio.get_running_loop().create_task(unlock())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+@dataclass(eq=False, slots=True)
+class _Receipt:
+    channel: AbstractChannel
+    delivery_tag: int
+
+
+class _Listener:
+    """Keeps one channel subscribed: opened by ``start``, re-opened after it is lost."""
+
+    what = "listener"
+
+    def __init__(self, transport: AMQPTransport) -> None:
+        self._t = transport
+        self._ch: AbstractChannel | None = None
+        self._closed = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _setup(self, ch: AbstractChannel) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self._open()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _open(self) -> None:
+        ch = await self._t.open_channel()
+        self._ch = ch
+        try:
+            await self._setup(ch)
+        except BaseException:
+            with suppress(*LISTEN_ERRORS):
+                await ch.close()
+            raise
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            assert self._ch is not None
+            await asyncio.wait([self._ch.closing])
+            if self._closed:
+                return
+            logger.warning("%s lost its RabbitMQ channel; resubscribing", self.what)
+            delay = 0.1
+            while not self._closed:
+                try:
+                    await self._open()
+                except LISTEN_ERRORS as exc:
+                    logger.debug("%s: resubscribing failed (%s)", self.what, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                else:
+                    logger.info("%s resubscribed", self.what)
+                    break
+
+    async def stop(self) -> None:
+        """Close the channel: RabbitMQ returns its unacked deliveries, flagged redelivered."""
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._ch is not None and not self._ch.is_closed:
+            with suppress(*LISTEN_ERRORS):
+                await self._ch.close()
+
+
+class _Subscriber(_Listener):
+    what = "broadcast subscriber"
+
+    def __init__(self, transport: AMQPTransport, exchange: str) -> None:
+        super().__init__(transport)
+        self.exchange = exchange
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def _setup(self, ch: AbstractChannel) -> None:
+        await ch.exchange_declare(self.exchange, exchange_type="fanout", durable=True)
+        ok = await ch.queue_declare("", exclusive=True, auto_delete=True)
+        assert ok.queue is not None
+        await ch.queue_bind(ok.queue, self.exchange)
+
+        async def on_message(msg: DeliveredMessage) -> None:
+            self._inbox.put_nowait(msg.body)
+
+        await ch.basic_consume(ok.queue, on_message, no_ack=True)
+
+    async def payloads(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self._inbox.get()
+
+
+class AMQPConsumer(_Listener, Consumer):
+    """basic.consume on one channel per consumer; deliveries are yielded in arrival order."""
+
+    def __init__(self, transport: AMQPTransport, queues: list[QueueSpec], prefetch: int,
+                 consumer_id: str) -> None:
+        super().__init__(transport)
+        self.what = f"consumer {consumer_id}"
+        self.consumer_id = consumer_id
+        self._queues = queues
+        self._prefetch = max(0, prefetch)
+        self._inbox: asyncio.Queue[tuple[DeliveredMessage, str] | None] = asyncio.Queue()
+        self._tags: dict[str, str] = {}
+        self._held: set[_Receipt] = set()
+        self._room = asyncio.Event()
+
+    @property
+    def queues(self) -> list[QueueSpec]:
+        return list(self._queues)
+
+    async def _setup(self, ch: AbstractChannel) -> None:
+        self._held.clear()  # deliveries of a lost channel are back in their queues
+        self._tags = {}
+        self._room.set()
+        await ch.basic_qos(prefetch_count=self._prefetch)
+        for queue in self._queues:
+            await self._subscribe(ch, queue)
+
+    async def _subscribe(self, ch: AbstractChannel, queue: QueueSpec) -> None:
+        await self._t.declare([queue])
+        name = queue.name
+
+        async def on_message(msg: DeliveredMessage) -> None:
+            self._inbox.put_nowait((msg, name))
+
+        tag = f"{self.consumer_id}:{name}:{secrets.token_hex(4)}"
+        await ch.basic_consume(name, on_message, consumer_tag=tag)
+        self._tags[name] = tag
+
+    async def __aiter__(self) -> AsyncIterator[Delivery]:
+        while not self._closed:
+            if self._prefetch and len(self._held) >= self._prefetch:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            item = await self._inbox.get()
+            if item is None:
+                return  # stopped
+            msg, queue = item
+            if msg.channel is not self._ch or msg.channel.is_closed:
+                continue  # its channel is gone, so RabbitMQ has put it back
+            receipt = _Receipt(msg.channel, int(getattr(msg.delivery, "delivery_tag", 0)))
+            due = _not_before(msg)
+            if due is not None and due > time.time():
+                await self._park(msg, queue, due, receipt)
+                continue
+            exchange, key = msg.exchange or "", msg.routing_key or ""
+            if exchange.startswith(DELAY):
+                exchange, key = "", queue
+            self._held.add(receipt)
+            yield Delivery(_envelope(msg), queue, exchange, key,
+                           bool(getattr(msg.delivery, "redelivered", False)), receipt)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._inbox.put_nowait(None)
+        self._room.set()
+
+    async def _park(self, msg: DeliveredMessage, queue: str, due: float,
+                    receipt: _Receipt) -> None:
+        """Early (a named exchange's delay, or one beyond the chain): back to the broker."""
+        try:
+            await self._t.publish(Outgoing(_envelope(msg), "", queue, not_before=due))
+        except TransportError as exc:
+            logger.error("could not park an early message from %r (%s); requeued", queue, exc)
+            await asyncio.sleep(1.0)
+            with suppress(*CONN_ERRORS):
+                await receipt.channel.basic_reject(receipt.delivery_tag, requeue=True)
+            return
+        with suppress(*CONN_ERRORS):
+            await receipt.channel.basic_ack(receipt.delivery_tag)
+
+    def _settle(self, delivery: Delivery) -> _Receipt | None:
+        receipt = delivery.tag
+        if not isinstance(receipt, _Receipt) or receipt not in self._held:
+            if isinstance(receipt, _Receipt) and receipt.channel is not self._ch:
+                logger.warning("%s: settling a delivery from a lost channel; RabbitMQ has "
+                               "returned it and will deliver it again", self.what)
+            return None
+        self._held.discard(receipt)
+        self._room.set()
+        return receipt
+
+    async def ack(self, delivery: Delivery) -> None:
+        receipt = self._settle(delivery)
+        if receipt is not None:
+            try:
+                await receipt.channel.basic_ack(receipt.delivery_tag)
+            except CONN_ERRORS as exc:
+                logger.warning("%s: ack lost with the connection (%s); the message will be "
+                               "delivered again", self.what, exc)
+
+    async def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
+        receipt = self._settle(delivery)
+        if receipt is None:
+            return
+        try:
+            if not requeue:
+                env = with_dead_reason(delivery.envelope, reason or "rejected")
+                await self._t.publish(Outgoing(env, "", dead_letter_name(delivery.queue)))
+                await receipt.channel.basic_ack(receipt.delivery_tag)
+            else:
+                await receipt.channel.basic_reject(receipt.delivery_tag, requeue=True)
+        except CONN_ERRORS as exc:
+            logger.warning("%s: reject lost with the connection (%s); the message will be "
+                           "delivered again", self.what, exc)
+
+    async def set_prefetch(self, count: int) -> None:
+        self._prefetch = max(0, count)
+        self._room.set()
+        ch = self._ch
+        if ch is None or ch.is_closed:
+            return  # applied when the channel is re-opened
+        try:
+            await ch.basic_qos(prefetch_count=self._prefetch)
+            for queue in list(self._queues):
+                old = self._tags.pop(queue.name, None)
+                if old is not None:
+                    await ch.basic_cancel(old)
+                await self._subscribe(ch, queue)
+        except CONN_ERRORS as exc:
+            logger.warning("%s: prefetch change interrupted (%s); applied on reconnect",
+                           self.what, exc)
+
+    async def add_queue(self, queue: QueueSpec) -> None:
+        if any(q.name == queue.name for q in self._queues):
+            return
+        self._queues.append(queue)
+        ch = self._ch
+        if ch is not None and not ch.is_closed:
+            await self._subscribe(ch, queue)
+        else:
+            await self._t.declare([queue])
+
+    async def cancel_queue(self, name: str) -> None:
+        self._queues = [q for q in self._queues if q.name != name]
+        tag = self._tags.pop(name, None)
+        ch = self._ch
+        if tag is not None and ch is not None and not ch.is_closed:
+            with suppress(*CONN_ERRORS):
+                await ch.basic_cancel(tag)
+

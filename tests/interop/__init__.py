@@ -1,0 +1,1 @@
+"""Wire-compatibility tests against real Celery on Redis (both directions)."""
