@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, overload
 
-from . import states
+from . import signals, states
 from ._bridge import portal
 from .backends import create_backend
 from .backends.base import ResultBackend, ResultMeta
@@ -492,10 +492,15 @@ class Celery:
     async def _apublish(self, items: Sequence[tuple[Outgoing, QueueSpec | None]]) -> None:
         conns = await self.connection_for_current_loop()
         await self.declare_for(conns, [spec for _, spec in items])
+        hooks = bool(signals.before_task_publish or signals.after_task_publish)
+        if hooks:
+            _publish_signal(signals.before_task_publish, items)
         if len(items) == 1:
             await conns.transport.publish(items[0][0])
         else:
             await conns.transport.publish_many([out for out, _ in items])
+        if hooks:
+            _publish_signal(signals.after_task_publish, items)
 
     async def declare_for(self, conns: Connections, specs: Sequence[QueueSpec | None]) -> None:
         """Declare the configured queues once per connection, and any queue first seen."""
@@ -625,6 +630,20 @@ class Celery:
 
 
 Celeriac = Celery
+
+
+def _publish_signal(signal: Signal, items: Sequence[tuple[Outgoing, QueueSpec | None]]) -> None:
+    for out, _ in items:
+        env = out.envelope
+        signal.send(
+            env.headers.get("task"),
+            body=env.body,
+            exchange=out.exchange,
+            routing_key=out.routing_key,
+            headers=env.headers,
+            properties={"correlation_id": env.correlation_id, "priority": env.priority},
+        )
+
 
 # -- current app, shared tasks ---------------------------------------------------------
 

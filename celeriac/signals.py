@@ -174,6 +174,10 @@ class Signal:
             ]
         return [fn for wanted, fn in found if fn is not None and _same_sender(wanted, sender)]
 
+    def __bool__(self) -> bool:
+        """True when anything is connected: hot paths skip building a send's arguments."""
+        return bool(self._receivers)
+
     def send(self, sender: Any, **named: Any) -> list[tuple[_Receiver, Any]]:
         """Call every matching receiver; a receiver's error is logged and returned, not raised.
 

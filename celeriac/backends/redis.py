@@ -13,6 +13,9 @@ key                                    type  content
                                              ...]]}``
 ``celery-taskset-meta-<gid>.j``        zset  chord join: header task id -> 1-based rank in
                                              arrival order (``.j.claim``: who completed it)
+``celery-taskset-meta-<gid>.s``        str   the group's size, written with the group: Celery's
+                                             chord size key (a Celery worker joins a chord
+                                             only when it exists; ours do not read it)
 =====================================  ====  ================================================
 
 ``wait`` is woken by those PUBLISHes: one shared pub/sub connection per backend instance
@@ -20,7 +23,9 @@ subscribes to the channels of the keys being waited on; the base class re-reads 
 hint. Each new subscription yields one hint once Redis has confirmed it, so a result
 stored between the base class's first read and the subscription is never missed.
 Celery's own chord join on Redis uses ``.j`` as a zset of encoded results scored by group
-index; the two formats do not mix, so one chord must be run by one kind of worker.
+index; the two formats do not mix, so one chord must be run by one kind of worker: a
+chord sent by celeriac runs on Celery workers (they find ``.s`` and the saved group), but
+one sent by a Celery client cannot be joined by ours (it saves no group to list members).
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from ..exceptions import BackendError
-from .base import KeyValueBackend
+from .base import GROUP_PREFIX, KeyValueBackend
 
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger(__name__)
 
 CONN_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+SIZE_SUFFIX = ".s"  # Celery's chord size key, see the module docstring
 
 # KEYS[1]: a result key. ARGV: value, ttl in ms ('' = no expiry).
 _STORE = """
@@ -151,6 +157,20 @@ class RedisBackend(KeyValueBackend):
         px = "" if ttl is None else max(1, int(ttl * 1000))
         async with self._errors("chord join"):
             return int(await self._add(keys=[key], args=[member, px], client=client))
+
+    # -- Celery's chord size key ---------------------------------------------------
+
+    async def save_group(
+        self, group_id: str, task_ids: Sequence[str], *, ttl: float | None
+    ) -> None:
+        await super().save_group(group_id, task_ids, ttl=ttl)
+        px = None if ttl is None else max(1, int(ttl * 1000))
+        async with self._errors("save group"):
+            await self.client.set(GROUP_PREFIX + group_id + SIZE_SUFFIX, len(task_ids), px=px)
+
+    async def forget_group(self, group_id: str) -> None:
+        await super().forget_group(group_id)
+        await self._delete(GROUP_PREFIX + group_id + SIZE_SUFFIX)
 
     def _changes(self, keys: Sequence[str]) -> AsyncIterator[str]:
         if self._hub is None:

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import states
+from .. import signals, states
 from ..backends.base import ResultMeta, now_iso
 from ..canvas import signature
-from ..exceptions import InvalidTaskError, TaskRevokedError
+from ..exceptions import ChordError, InvalidTaskError, TaskRevokedError
 from ..protocol import parse_iso, upgrade_v1
 from ..result import exception_to_dict
 from ..transport.base import Delivery, Outgoing, with_dead_reason
@@ -246,6 +246,8 @@ class MessageHandler:
         info = RequestInfo(delivery, job)
         self.reserved[task_id] = info
         logger.info("Task %s[%s] received", name, task_id)
+        if signals.task_received:
+            signals.task_received.send(self, request=job)
         self.on_event(
             "task-received",
             uuid=task_id,
@@ -357,6 +359,19 @@ class MessageHandler:
         assert join is not None
         backend = self.conns.backend
         ttl = self.app.result_ttl()
+        if join.size <= 0:
+            # No chord_size in the body: a Celery client sent it (Celery keeps the size in
+            # its backend and saves no group to list members by), so it cannot be joined
+            # here. Fail the body's result loudly rather than never run it.
+            exc = ChordError(f"chord {join.group_id} was sent by a Celery client; celeriac "
+                             "workers cannot join Celery chords: run them on Celery workers")
+            logger.error("%s", exc)
+            body_id = (join.body.get("options") or {}).get("task_id")
+            if body_id:
+                meta = ResultMeta(body_id, states.FAILURE, exception_to_dict(exc),
+                                  date_done=now_iso())
+                await backend.store(meta, ttl=ttl)
+            return
         if not await backend.chord_join(join.group_id, job.task_id, join.size, ttl=ttl):
             return
         ids = await backend.load_group(join.group_id) or []

@@ -19,7 +19,7 @@ import traceback as tb
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import states
+from .. import signals, states
 from ..canvas import signature
 from ..exceptions import (
     ChordError,
@@ -64,6 +64,10 @@ class Tracer:
             return prepared
         task, args, kwargs, ctx = prepared
         token = push(task, ctx)
+        if signals.task_prerun:
+            signals.task_prerun.send(task, task_id=job.task_id, task=task, args=args, kwargs=kwargs)
+        outcome: Outcome | None = None
+        retval: Any = None
         try:
             try:
                 if task.is_async:
@@ -72,9 +76,14 @@ class Tracer:
                     retval = task.run(*args, **kwargs)
             except BaseException as exc:
                 exc = self._maybe_autoretry(task, exc)
-                return self._failed(job, task, ctx, exc, start)
-            return self._succeeded(job, task, ctx, retval, start)
+                outcome = self._failed(job, task, ctx, exc, start)
+                return outcome
+            outcome = self._succeeded(job, task, ctx, retval, start)
+            if signals.task_success and outcome.state == states.SUCCESS:
+                signals.task_success.send(task, result=retval)
+            return outcome
         finally:
+            _postrun(task, job, args, kwargs, retval, outcome)
             pop(token)
 
     async def aexecute(self, job: Job) -> Outcome:
@@ -86,6 +95,10 @@ class Tracer:
             return prepared
         task, args, kwargs, ctx = prepared
         token = push(task, ctx)
+        if signals.task_prerun:
+            signals.task_prerun.send(task, task_id=job.task_id, task=task, args=args, kwargs=kwargs)
+        outcome: Outcome | None = None
+        retval: Any = None
         try:
             try:
                 retval = await self._call_async(task, args, kwargs, job)
@@ -93,9 +106,14 @@ class Tracer:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 exc = self._maybe_autoretry(task, exc)
-                return self._failed(job, task, ctx, exc, start)
-            return self._succeeded(job, task, ctx, retval, start)
+                outcome = self._failed(job, task, ctx, exc, start)
+                return outcome
+            outcome = self._succeeded(job, task, ctx, retval, start)
+            if signals.task_success and outcome.state == states.SUCCESS:
+                signals.task_success.send(task, result=retval)
+            return outcome
         finally:
+            _postrun(task, job, args, kwargs, retval, outcome)
             pop(token)
 
     def lost(self, job: Job, exc: BaseException) -> Outcome:
@@ -293,6 +311,8 @@ class Tracer:
             )
         trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
         if isinstance(exc, Retry):
+            if signals.task_retry:
+                signals.task_retry.send(task, request=ctx, reason=exc, einfo=trace)
             cause = exc.exc if isinstance(exc.exc, BaseException) else exc
             out = Outcome(
                 job.task_id,
@@ -316,6 +336,16 @@ class Tracer:
             )
         )
         info = exception_to_dict(exc)
+        if signals.task_failure:
+            signals.task_failure.send(
+                task,
+                task_id=job.task_id,
+                exception=exc,
+                args=ctx.args,
+                kwargs=ctx.kwargs,
+                traceback=exc.__traceback__,
+                einfo=trace,
+            )
         out = Outcome(
             job.task_id,
             states.FAILURE,
@@ -376,6 +406,21 @@ class Tracer:
         if lost is None:
             lost = self.app.conf.task_reject_on_worker_lost
         return bool(late and lost)
+
+
+def _postrun(
+    task: Task[..., Any], job: Job, args: Any, kwargs: Any, retval: Any, outcome: Outcome | None
+) -> None:
+    if signals.task_postrun:
+        signals.task_postrun.send(
+            task,
+            task_id=job.task_id,
+            task=task,
+            args=args,
+            kwargs=kwargs,
+            retval=retval,
+            state=outcome.state if outcome else None,
+        )
 
 
 def _envelope(job: Job) -> Any:

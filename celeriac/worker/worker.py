@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, signals
 from ..beat import embedded_beat
 from ..events import EventDispatcher, Heart
 from ..serialization import accepted_types
@@ -207,6 +207,10 @@ class WorkController:
         self._stop = asyncio.Event()
         self.app.portal.adopt(loop)
         tracer = Tracer(self.app, self.hostname, self.accept)
+        if signals.worker_init:
+            signals.worker_init.send(self)
+        if signals.worker_process_init and self.pool_kind == "prefork":
+            os.register_at_fork(after_in_child=_process_init)
         self.pool = create_pool(
             self.pool_kind,
             tracer,
@@ -259,6 +263,8 @@ class WorkController:
             await self.pool.stop(graceful=not self._cold)
             self.app.portal.release()
             await self.app.aclose()
+            if signals.worker_shutdown:
+                signals.worker_shutdown.send(self)
             logger.info("%s stopped.", self.hostname)
 
     async def _serve(self, consumer: Consumer) -> None:
@@ -291,6 +297,8 @@ class WorkController:
         scaling = self._start_autoscaler()
         logger.info("%s ready.", self.hostname)
         self.ready.set()
+        if signals.worker_ready:
+            signals.worker_ready.send(self)
         beat = asyncio.create_task(embedded_beat(self.app, self._stop)) if self.beat else None
         fetch = asyncio.create_task(consume())
         stop = asyncio.create_task(self._stop.wait())
@@ -593,6 +601,10 @@ class WorkController:
         for name in sorted(n for n in app.tasks if not n.startswith("celery.")):
             lines.append(f"  . {name}")
         return "\n".join(lines) + "\n"
+
+
+def _process_init() -> None:
+    signals.worker_process_init.send(None)
 
 
 def _redact(url: str) -> str:

@@ -114,18 +114,22 @@ def celery_client(redis8: Any) -> Iterator[Any]:
 
 
 def _close_celery(app: Any) -> None:
-    """Drop the Celery app's cached broker pool and result backend (with its pub/sub)."""
-    backend = app.__dict__.get("backend") or getattr(app._local, "backend", None)
+    """Close the Celery client's sockets: its result backend (dropped, so the next test
+    builds a fresh one with a fresh pub/sub) and its broker pools (kept, emptied)."""
+    backend = app._backend
     if backend is not None:
         consumer = getattr(backend, "result_consumer", None)
-        with contextlib.suppress(Exception):
-            if consumer is not None:
-                consumer.stop()
-        with contextlib.suppress(Exception):
-            backend.client.connection_pool.disconnect()
-    with contextlib.suppress(AttributeError):
-        del app._local.backend
-    app.close()
+        if consumer is not None:
+            consumer.stop()
+        backend.client.connection_pool.disconnect()
+        app._backend_cache = None
+        with contextlib.suppress(AttributeError):
+            del app._local.backend
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None and amqp._producer_pool is not None:
+        amqp._producer_pool.force_close_all(close_pool=False)
+    if app._pool is not None:
+        app._pool.force_close_all(close_pool=False)
 
 
 @pytest.fixture
