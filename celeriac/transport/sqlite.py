@@ -101,6 +101,7 @@ T = TypeVar("T")
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 POLL_MIN, POLL_MAX = 0.001, 0.025
 MAX_BATCH = 256
+REFILL_WHILE = 1.0
 BROADCAST_KEEP = 60.0
 HOSTNAME = socket.gethostname()
 _BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (extended codes share the low byte)
@@ -498,7 +499,7 @@ class SQLiteConsumer(_Backoff, Consumer):
         self._ack_done: asyncio.Future[None] | None = None  # resolved by that commit
         self._flush_task: asyncio.Future[None] | None = None
         self._starved = False  # the iterator waits for a free prefetch slot
-        self._pulled = False  # the iterator took a delivery since the last refill
+        self._pulled_at = -1e9  # time.monotonic() of the iterator's last delivery
         self._beat_at = 0.0
         # Never let the row age towards lease_timeout, even with a slow heartbeat.
         self._beat_every = min(transport.heartbeat_interval, transport.lease_timeout / 2)
@@ -531,7 +532,7 @@ class SQLiteConsumer(_Backoff, Consumer):
                 self.delay = POLL_MIN
             else:
                 await self.idle()
-        self._pulled = True
+        self._pulled_at = time.monotonic()
         return self._buffer.popleft()
 
     def _free(self) -> int:
@@ -623,15 +624,14 @@ class SQLiteConsumer(_Backoff, Consumer):
         """Claim into the free prefetch slots inside an ack flush's transaction.
 
         Only with a prefetch limit (so the buffer stays bounded) and only while the
-        worker still pulls deliveries (so a stopped iterator, e.g. during a warm
-        shutdown, does not keep reserving messages other workers could run).
+        worker still pulls deliveries: a stopped iterator (a warm shutdown) stops
+        reserving messages other workers could run within ``REFILL_WHILE`` seconds.
         """
-        if not (self._pulled and self._prefetch) or self._closed:
+        if not self._prefetch or self._closed:
             return []
         free = self._free()
-        if not free:
+        if not free or time.monotonic() - self._pulled_at > REFILL_WHILE:
             return []
-        self._pulled = False
         names = [q.name for q in self._queues]
         ids = self._candidates(conn, names, free)
         return self._claim(conn, names, ids) if ids else []

@@ -368,9 +368,9 @@ class MessageHandler:
             logger.error("%s", exc)
             body_id = (join.body.get("options") or {}).get("task_id")
             if body_id:
-                meta = ResultMeta(body_id, states.FAILURE, exception_to_dict(exc),
-                                  date_done=now_iso())
-                await backend.store(meta, ttl=ttl)
+                failure = ResultMeta(body_id, states.FAILURE, exception_to_dict(exc),
+                                     date_done=now_iso())
+                await backend.store(failure, ttl=ttl)
             return
         if not await backend.chord_join(join.group_id, job.task_id, join.size, ttl=ttl):
             return
