@@ -21,10 +21,13 @@ name                              kind      content
 ``<queue>.dead``                  queue     ordinary queue: a copy of each message rejected
                                             without requeue, with ``x-dead-reason``
 ``celeriac.delay.NN`` (31..00)    exchange  topic; level NN of the delay cascade
-``celeriac.delay.due``            exchange  topic; end of the cascade, binds each queue
-                                            with a delay chain by ``#.<tag>``
+``celeriac.delay.due``            exchange  topic; end of the cascade
 ``celeriac.delay.<queue>.NN``     queue     ``x-message-ttl`` 2^NN ms; dead-letters to
                                             exchange NN-1 (``due`` after 00)
+``celeriac.delay.<queue>.due``    queue     bound to ``due`` by ``#.<tag>``; TTL 0: at
+                                            once dead-letters through exchange ``""`` to
+                                            ``<queue>``, so a deleted and re-declared
+                                            queue still gets its delayed messages
 ``celeriac.lock.<name>``          queue     exclusive: exists while ``try_lock`` is held
 ``celeriac.bc.<channel>``         exchange  fanout; each subscriber binds an exclusive
                                             auto-delete server-named queue
@@ -59,6 +62,8 @@ a queue that does not exist declares it first, as Celery does.
 **Celery on the same vhost**: Celery declares queues without ``x-max-priority`` and
 RabbitMQ refuses a re-declaration with other arguments, so set Celery's
 ``task_queue_max_priority = 9`` (the error names the queue if they differ).
+
+Header floats travel as AMQP 32-bit floats (pamqp's encoding): about 7 significant digits.
 
 **try_lock** holds the exclusive queue ``celeriac.lock.<name>`` on this connection; the
 owner's timer deletes it after ``ttl`` unless renewed, and RabbitMQ deletes it when the
@@ -133,9 +138,13 @@ def delay_queue(queue: str, level: int) -> str:
     return f"{DELAY}{queue}.{level:02d}"
 
 
+def exit_queue(queue: str) -> str:
+    return f"{DELAY}{queue}.due"
+
+
 def delay_queues(queue: str) -> list[str]:
     """Every queue of ``queue``'s delay chain (they exist once it had a delayed message)."""
-    return [delay_queue(queue, k) for k in range(LEVELS)]
+    return [*(delay_queue(queue, k) for k in range(LEVELS)), exit_queue(queue)]
 
 
 def queue_tag(queue: str) -> str:
@@ -252,15 +261,19 @@ class AMQPTransport(Transport):
         self._topology = False
         self._locks: dict[str, _Held] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.closed = False  # set by close(); connect() opens again
 
     # -- connection and channels --------------------------------------------------------
 
     async def connect(self) -> None:
+        self.closed = False
         await self._connection()
 
     async def _connection(self) -> AbstractRobustConnection:
         if self._conn is not None and not self._conn.is_closed:
             return self._conn
+        if self.closed:
+            raise TransportError(f"the RabbitMQ transport for {self.describe()} is closed")
         async with self._conn_lock:
             if self._conn is None or self._conn.is_closed:
                 try:
@@ -325,6 +338,7 @@ class AMQPTransport(Transport):
                 delay = min(delay * 2, 1.0)
 
     async def close(self) -> None:
+        self.closed = True
         for held in self._locks.values():
             if held.timer is not None:
                 held.timer.cancel()
@@ -341,7 +355,11 @@ class AMQPTransport(Transport):
 
     async def declare(self, queues: Sequence[QueueSpec]) -> None:
         for queue in queues:
-            await self._admin(partial(self._declare, queue=queue))
+            try:
+                await self._admin(partial(self._declare, queue=queue))
+            except aexc.AMQPError as exc:
+                raise TransportError(f"cannot declare queue {queue.name!r} on exchange "
+                                     f"{queue.exchange!r}: {_reason(exc)}") from exc
             self._known.add(queue.name)
 
     async def _declare(self, ch: AbstractChannel, queue: QueueSpec) -> None:
@@ -392,23 +410,29 @@ class AMQPTransport(Transport):
         tag = queue_tag(queue)
 
         async def op(ch: AbstractChannel) -> None:
-            for k in range(LEVELS):
+            for k in range(LEVELS):  # pipelined; the last bind waits for them all
                 name = delay_queue(queue, k)
-                await ch.queue_declare(name, durable=True, arguments={
+                await ch.queue_declare(name, durable=True, nowait=True, arguments={
                     "x-message-ttl": 2**k, "x-dead-letter-exchange": exchange_name(k - 1)})
-                await ch.queue_bind(name, exchange_name(k), _pattern(k, "1", "*." * k + tag))
-            await ch.queue_bind(queue, DUE, "#." + tag)
+                await ch.queue_bind(name, exchange_name(k), _pattern(k, "1", "*." * k + tag),
+                                    nowait=True)
+            await ch.queue_declare(exit_queue(queue), durable=True, nowait=True, arguments={
+                "x-message-ttl": 0, "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue})
+            await ch.queue_bind(exit_queue(queue), DUE, "#." + tag)
 
         await self._admin(op)
         self._chains.add(queue)
 
     @staticmethod
     async def _declare_topology(ch: AbstractChannel) -> None:
-        await ch.exchange_declare(DUE, exchange_type="topic", durable=True)
+        await ch.exchange_declare(DUE, exchange_type="topic", durable=True, nowait=True)
         for k in range(LEVELS):
-            await ch.exchange_declare(exchange_name(k), exchange_type="topic", durable=True)
+            await ch.exchange_declare(exchange_name(k), exchange_type="topic", durable=True,
+                                      nowait=True)
             await ch.exchange_bind(exchange_name(k - 1), exchange_name(k),
-                                   _pattern(k, "0", "#"))
+                                   _pattern(k, "0", "#"), nowait=True)
+        await ch.exchange_declare(DUE, exchange_type="topic", durable=True)  # waits for all
 
     async def _has_chain(self, queue: str) -> bool:
         if queue not in self._chains and await self._count(delay_queue(queue, 0)) is not None:
@@ -430,7 +454,11 @@ class AMQPTransport(Transport):
             await self._ensure_queue(key)
         props = _properties(env, item.not_before if delay_ms > 0 else None)
         if delay_ms > 0 and not exchange:
-            await self._ensure_chain(key)
+            try:
+                await self._ensure_chain(key)
+            except aexc.AMQPError as exc:
+                raise TransportError(f"cannot set up delayed delivery to queue {key!r}: "
+                                     f"{_reason(exc)}") from exc
             exchange, key = exchange_name(LEVELS - 1), delay_key(delay_ms, key)
         return _Send(item, exchange, key, env.body, props)
 
@@ -440,11 +468,15 @@ class AMQPTransport(Transport):
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
         while sends:
-            ch = await self._channel("pub")
-            results = await asyncio.gather(
-                *(ch.basic_publish(s.body, exchange=s.exchange, routing_key=s.routing_key,
-                                   properties=s.properties, mandatory=s.mandatory)
-                  for s in sends), return_exceptions=True)
+            try:
+                ch = await self._channel("pub")
+            except CONN_ERRORS as exc:
+                results: list[Any] = [exc] * len(sends)
+            else:
+                results = await asyncio.gather(
+                    *(ch.basic_publish(s.body, exchange=s.exchange, routing_key=s.routing_key,
+                                       properties=s.properties, mandatory=s.mandatory)
+                      for s in sends), return_exceptions=True)
             retry = []
             for send, result in zip(sends, results, strict=True):
                 if isinstance(result, CONN_ERRORS) or (
@@ -497,36 +529,27 @@ class AMQPTransport(Transport):
         finally:
             await consumer.stop()
 
-    async def _count(self, name: str) -> int | None:
-        """Ready messages in ``name``; None if there is no such queue."""
+    async def _count(self, name: str, *, purge: bool = False) -> int | None:
+        """Ready messages in ``name`` (purged first if asked); None if there is no such
+        queue. Unacked ones belong to their consumer and are neither counted nor purged."""
 
         async def op(ch: AbstractChannel) -> int | None:
             try:
-                ok = await ch.queue_declare(name, passive=True)
+                ok = await (ch.queue_purge(name) if purge else
+                            ch.queue_declare(name, passive=True))
             except (aexc.ChannelNotFoundEntity, aexc.ChannelLockedResource):
                 return None
             return int(ok.message_count or 0)
 
         return await self._admin(op)
 
-    async def _purge_one(self, name: str) -> int:
-        async def op(ch: AbstractChannel) -> int:
-            try:
-                ok = await ch.queue_purge(name)
-            except (aexc.ChannelNotFoundEntity, aexc.ChannelLockedResource):
-                return 0
-            return int(ok.message_count or 0)
-
-        return await self._admin(op)
-
-    async def size(self, queue: str) -> int:
-        """Ready plus delayed messages; unacked ones belong to their consumer."""
+    async def size(self, queue: str, *, purge: bool = False) -> int:
+        """Ready plus delayed messages."""
         names = [queue, *(delay_queues(queue) if await self._has_chain(queue) else [])]
-        return sum([await self._count(n) or 0 for n in names])
+        return sum([await self._count(n, purge=purge) or 0 for n in names])
 
     async def purge(self, queue: str) -> int:
-        names = [queue, *(delay_queues(queue) if await self._has_chain(queue) else [])]
-        return sum([await self._purge_one(n) for n in names])
+        return await self.size(queue, purge=True)
 
     # -- broadcast ------------------------------------------------------------------------
 
@@ -643,22 +666,29 @@ class _Listener:
             await asyncio.wait([self._ch.closing])
             if self._closed:
                 return
+            if self._t.closed:
+                self._ended()
+                return
             logger.warning("%s lost its RabbitMQ channel; resubscribing", self.what)
             delay = 0.1
-            while not self._closed:
+            while not self._closed and not self._t.closed:
                 try:
                     await self._open()
                 except LISTEN_ERRORS as exc:
-                    logger.debug("%s: resubscribing failed (%s)", self.what, exc)
+                    logger.warning("%s: resubscribing failed (%s); retrying", self.what, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                 else:
                     logger.info("%s resubscribed", self.what)
                     break
 
+    def _ended(self) -> None:
+        """End iteration: stopped, or the transport was closed under us."""
+
     async def stop(self) -> None:
         """Close the channel: RabbitMQ returns its unacked deliveries, flagged redelivered."""
         self._closed = True
+        self._ended()
         if self._watcher is not None:
             self._watcher.cancel()
             with suppress(asyncio.CancelledError):
@@ -674,7 +704,10 @@ class _Subscriber(_Listener):
     def __init__(self, transport: AMQPTransport, exchange: str) -> None:
         super().__init__(transport)
         self.exchange = exchange
-        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def _ended(self) -> None:
+        self._inbox.put_nowait(None)
 
     async def _setup(self, ch: AbstractChannel) -> None:
         await ch.exchange_declare(self.exchange, exchange_type="fanout", durable=True)
@@ -688,8 +721,8 @@ class _Subscriber(_Listener):
         await ch.basic_consume(ok.queue, on_message, no_ack=True)
 
     async def payloads(self) -> AsyncIterator[bytes]:
-        while True:
-            yield await self._inbox.get()
+        while (payload := await self._inbox.get()) is not None:
+            yield payload
 
 
 class AMQPConsumer(_Listener, Consumer):
@@ -716,8 +749,30 @@ class AMQPConsumer(_Listener, Consumer):
         self._tags = {}
         self._room.set()
         await ch.basic_qos(prefetch_count=self._prefetch)
+        ch.on_consumer_cancel_callbacks.add(self._broker_cancelled)
         for queue in self._queues:
             await self._subscribe(ch, queue)
+
+    def _broker_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        """RabbitMQ cancels a consumer whose queue was deleted: declare it and go on."""
+        name = next((n for n, tag in self._tags.items() if tag == frame.consumer_tag), None)
+        queue = next((q for q in self._queues if q.name == name), None)
+        ch = self._ch
+        if name is None or queue is None or ch is None:
+            return
+        del self._tags[name]
+        logger.warning("%s: RabbitMQ cancelled consuming from %r; subscribing again",
+                       self.what, name)
+
+        async def again() -> None:
+            try:
+                await self._subscribe(ch, queue)
+            except LISTEN_ERRORS as exc:
+                logger.error("%s: could not consume from %r again: %s", self.what, name, exc)
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._t._background.add(task)
+        task.add_done_callback(self._t._background.discard)
 
     async def _subscribe(self, ch: AbstractChannel, queue: QueueSpec) -> None:
         await self._t.declare([queue])
@@ -731,7 +786,7 @@ class AMQPConsumer(_Listener, Consumer):
         self._tags[name] = tag
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
-        while not self._closed:
+        while not self._closed and not self._t.closed:
             if self._prefetch and len(self._held) >= self._prefetch:
                 self._room.clear()
                 await self._room.wait()
@@ -748,14 +803,11 @@ class AMQPConsumer(_Listener, Consumer):
                 await self._park(msg, queue, due, receipt)
                 continue
             exchange, key = msg.exchange or "", msg.routing_key or ""
-            if exchange.startswith(DELAY):
-                exchange, key = "", queue
             self._held.add(receipt)
             yield Delivery(_envelope(msg), queue, exchange, key,
                            bool(getattr(msg.delivery, "redelivered", False)), receipt)
 
-    async def stop(self) -> None:
-        await super().stop()
+    def _ended(self) -> None:
         self._inbox.put_nowait(None)
         self._room.set()
 

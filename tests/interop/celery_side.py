@@ -22,23 +22,23 @@ app.conf.update(
 )
 
 
-@app.task(name="interop.add")
+@app.task(name="interop.add")  # type: ignore[untyped-decorator]
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="interop.fail")
+@app.task(name="interop.fail")  # type: ignore[untyped-decorator]
 def fail(message: str) -> None:
     raise ValueError(message)
 
 
-@app.task(name="interop.now")
+@app.task(name="interop.now")  # type: ignore[untyped-decorator]
 def now() -> float:
     """When the task ran (unix time), to check a countdown from the client's side."""
     return time.time()
 
 
-@app.task(name="interop.record")
+@app.task(name="interop.record")  # type: ignore[untyped-decorator]
 def record(path: str, tag: str) -> str:
     """Append ``tag`` to ``path``: the file shows the order tasks ran in."""
     with open(Path(path), "a") as fh:
@@ -46,7 +46,7 @@ def record(path: str, tag: str) -> str:
     return tag
 
 
-@app.task(name="interop.tsum")
+@app.task(name="interop.tsum")  # type: ignore[untyped-decorator]
 def tsum(values: list[int]) -> int:
     """A chord body: the sum of its header's results."""
     return sum(values)

@@ -81,8 +81,7 @@ def redis8() -> Iterator[Any]:
     try:
         import celery  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
-        unavailable(f"the real celery package is not installed (pip install celery[redis]): "
-                    f"{exc}")
+        unavailable(f"the real celery package is not installed (pip install celery[redis]): {exc}")
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
@@ -114,8 +113,8 @@ def celery_client(redis8: Any) -> Iterator[Any]:
 
 
 def _close_celery(app: Any) -> None:
-    """Close the Celery client's sockets: its result backend (dropped, so the next test
-    builds a fresh one with a fresh pub/sub) and its broker pools (kept, emptied)."""
+    """Close the Celery client's sockets: its result backend and broker pools are
+    dropped, so the next test builds fresh ones (as Celery does after a fork)."""
     backend = app._backend
     if backend is not None:
         consumer = getattr(backend, "result_consumer", None)
@@ -125,11 +124,13 @@ def _close_celery(app: Any) -> None:
         app._backend_cache = None
         with contextlib.suppress(AttributeError):
             del app._local.backend
+    import kombu.pools
+
+    kombu.pools.reset()  # type: ignore[no-untyped-call]  # as Celery does after a fork
+    app._pool = None
     amqp = app.__dict__.get("amqp")
-    if amqp is not None and amqp._producer_pool is not None:
-        amqp._producer_pool.force_close_all(close_pool=False)
-    if app._pool is not None:
-        app._pool.force_close_all(close_pool=False)
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 @pytest.fixture
@@ -165,11 +166,14 @@ class WorkerProcess:
         marker = f"{self.nodename} ready."
         while marker not in self.log():
             if self.proc.poll() is not None:
-                pytest.fail(f"worker {self.nodename} exited with {self.proc.returncode} before "
-                            f"it was ready:\n{self.log()[-4000:]}")
+                pytest.fail(
+                    f"worker {self.nodename} exited with {self.proc.returncode} before "
+                    f"it was ready:\n{self.log()[-4000:]}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"worker {self.nodename} not ready in {timeout} s:\n"
-                            f"{self.log()[-4000:]}")
+                pytest.fail(
+                    f"worker {self.nodename} not ready in {timeout} s:\n{self.log()[-4000:]}"
+                )
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -188,20 +192,25 @@ WorkerFactory = Callable[..., WorkerProcess]
 
 
 @contextlib.contextmanager
-def _workers(request: pytest.FixtureRequest, tmp_path: Path,
-             command: Callable[[str], list[str]], prefix: str) -> Iterator[WorkerFactory]:
+def _workers(
+    request: pytest.FixtureRequest, tmp_path: Path, command: Callable[[str], list[str]], prefix: str
+) -> Iterator[WorkerFactory]:
     started: list[WorkerProcess] = []
 
     def start(*extra: str) -> WorkerProcess:
         nodename = f"{prefix}{len(started) + 1}-{uuid.uuid4().hex[:6]}@interop"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("CELERIAC_", "CELERY_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERIAC_", "CELERY_"))}
         env["PYTHONUNBUFFERED"] = "1"
         log_path = tmp_path / f"{nodename}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
-                [*command(nodename), *extra], cwd=ROOT, env=env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [*command(nodename), *extra],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         w = WorkerProcess(proc, nodename, log_path)
         started.append(w)
@@ -230,8 +239,22 @@ def celeriac_worker(
     """``celeriac_worker('-P', 'solo', ...)``: extra args follow the defaults (last wins)."""
 
     def command(nodename: str) -> list[str]:
-        return [sys.executable, "-m", "celeriac", "-A", "tests.interop.celeriac_side",
-                "worker", "-l", "info", "-n", nodename, "-P", "threads", "-c", "2"]
+        return [
+            sys.executable,
+            "-m",
+            "celeriac",
+            "-A",
+            "tests.interop.celeriac_side",
+            "worker",
+            "-l",
+            "info",
+            "-n",
+            nodename,
+            "-P",
+            "threads",
+            "-c",
+            "2",
+        ]
 
     with _workers(request, tmp_path, command, "celeriac") as factory:
         yield factory
@@ -246,9 +269,23 @@ def celery_worker(
         unavailable(f"the celery command is not installed at {CELERY_BIN}")
 
     def command(nodename: str) -> list[str]:
-        return [str(CELERY_BIN), "-A", "tests.interop.celery_side", "worker", "-P", "solo",
-                "-c", "1", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-l", "info", "-n", nodename]
+        return [
+            str(CELERY_BIN),
+            "-A",
+            "tests.interop.celery_side",
+            "worker",
+            "-P",
+            "solo",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "info",
+            "-n",
+            nodename,
+        ]
 
     with _workers(request, tmp_path, command, "celery") as factory:
         yield factory

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.transport.base import Envelope, Outgoing
 from celeriac.worker.pools import POOLS, create_pool
-from celeriac.worker.pools.base import Job, Outcome, Pool
+from celeriac.worker.pools.base import ChordJoin, Job, Outcome, Pool
 from celeriac.worker.pools.prefork import PreforkPool
 
 
@@ -57,6 +58,8 @@ class Runner:
 
     def execute(self, job: Job) -> Outcome:
         kind, _, arg = job.name.partition(":")
+        if kind == "echo":
+            return echo(job)
         try:
             value = BEHAVIOURS[kind](job, arg)
         except BaseException as exc:
@@ -72,6 +75,25 @@ class Runner:
 
     def lost(self, job: Job, exc: BaseException) -> Outcome:
         return Outcome(job.task_id, "FAILURE", exc_repr=repr(exc))
+
+
+def echo(job: Job) -> Outcome:
+    """An Outcome with every field set from ``job``, so a round trip can be compared whole."""
+    env = Envelope(job.body[:64], {"id": job.task_id}, job.content_type, priority=3)
+    return Outcome(
+        job.task_id,
+        "SUCCESS",
+        meta=job.body,
+        follow_ups=[Outgoing(env, "ex", "rk", not_before=1.5)],
+        chord=ChordJoin("g1", 3, {"task": "t", "options": {}}, failed=True),
+        retval_repr=repr(job),
+        exc_repr="none",
+        traceback="tb",
+        runtime=0.25,
+        requeue=False,
+        ack=False,
+        extra_results=[("other", b"doc")],
+    )
 
 
 def make_job(name: str, **options: Any) -> Job:
@@ -404,6 +426,36 @@ def test_prefork_pipelines_fast_tasks_and_keeps_order_of_results() -> None:
         assert "TimeLimitExceeded" in ((await head).exc_repr or "")
         assert (await second).state == "SUCCESS"
         assert int((await behind).retval_repr) == pool.pids()[0]
+        await pool.stop(graceful=True)
+
+    run(main)
+
+
+def test_prefork_moves_whole_jobs_and_outcomes_of_any_size() -> None:
+    async def main() -> None:
+        pool = await started("prefork", 2)()
+        jobs = [
+            make_job(
+                "echo",
+                headers={"retries": i, "nested": {"a": [1, 2.5, None]}, "eta": None},
+                soft_time_limit=30.0 if i % 2 else None,
+                time_limit=60.0,
+                is_async=bool(i % 3),
+            )
+            for i in range(40)
+        ]
+        for i in (3, 17):  # frames several times larger than one read, in both directions
+            jobs[i].body = os.urandom(1 << 20) + b"end"
+        for job in jobs:
+            job.delivery_info = {"routing_key": "q", "priority": 5, "redelivered": True}
+        outcomes, _ = await timed(pool, jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            assert outcome.retval_repr == repr(job)  # every Job field arrived intact
+            assert outcome.meta == job.body
+            assert outcome.worker_pid in pool.pids()
+            expected = echo(job)
+            expected.worker_pid = outcome.worker_pid
+            assert outcome == expected  # follow-ups, chord join and the rest came back
         await pool.stop(graceful=True)
 
     run(main)

@@ -1,0 +1,230 @@
+"""Redis key names, Lua scripts and client helpers shared by the transport and its consumer.
+
+The key layout itself is described in ``celeriac/transport/redis.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from redis import exceptions as rexc
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from ..exceptions import ImproperlyConfigured
+from .base import (
+    clamp_priority,
+)
+
+SEP = "\x06\x16"
+STEPS = ("9", "6", "3", "0")  # our pop order: higher priority first
+BINDING = "_kombu.binding."
+EXCHANGES = "celeriac.exchanges"
+DELAYED = "celeriac.delayed"
+INFLIGHT = "celeriac.inflight."
+HEARTBEATS = "celeriac.heartbeats"
+CONSUMERS = "celeriac.consumers"
+WAKE = "celeriac.wake."
+LOCK = "celeriac.lock."
+BROADCAST = "celeriac.bc."
+CHUNK = 1000  # messages per publish script call; keeps Lua's unpack() far from its limit
+CONN_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+_LUA_LIB = r"""
+local SEP = '\6\22'
+local function lkey(q, step) if step == '0' then return q end return q .. SEP .. step end
+local function wake(q)
+  local k = 'celeriac.wake.' .. q
+  if redis.call('DEL', k) == 1 then redis.call('PUBLISH', k, '') end
+end
+local function parse(v)
+  local step, n, s = string.match(v, '^(%d):(%d+):()')
+  local e = s + tonumber(n)
+  local q = string.sub(v, s, e - 1)
+  return q, lkey(q, step), string.sub(v, e)
+end
+local function mark(p)
+  if string.find(p, '"redelivered":%s*true') then return p end
+  local _, e = string.find(p, '"headers":%s*{')
+  if not e then return p end
+  local rest = string.sub(p, e + 1)
+  if string.match(rest, '^%s*}') then return string.sub(p, 1, e) .. '"redelivered":true' .. rest end
+  return string.sub(p, 1, e) .. '"redelivered":true,' .. rest
+end
+local function restore(h, fields, marked)
+  table.sort(fields, function(a, b) return tonumber(a) > tonumber(b) end)
+  local n = 0
+  for _, f in ipairs(fields) do
+    local v = redis.call('HGET', h, f)
+    if v then
+      local q, k, p = parse(v)
+      if marked then p = mark(p) end
+      redis.call('RPUSH', k, p); redis.call('HDEL', h, f); wake(q); n = n + 1
+    end
+  end
+  return n
+end
+local function promote(now)
+  local qs = redis.call('ZRANGEBYSCORE', 'celeriac.delayed', '-inf', now, 'LIMIT', 0, 100)
+  for _, q in ipairs(qs) do
+    local dk = 'celeriac.delayed.' .. q
+    local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, 1000)
+    for _, m in ipairs(due) do
+      redis.call('LPUSH', lkey(q, string.sub(m, 1, 1)), string.sub(m, 3))
+    end
+    if #due > 0 then redis.call('ZREM', dk, unpack(due)) end
+    local first = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+    if first[2] then redis.call('ZADD', 'celeriac.delayed', first[2], q)
+    else redis.call('ZREM', 'celeriac.delayed', q) end
+    wake(q)
+  end
+end
+local function now() local t = redis.call('TIME') return t[1] + t[2] / 1e6 end
+"""
+
+# KEYS: one ready list per ready message. ARGV: n_ready, n_delayed, the ready payloads,
+# (queue, due, member) per delayed message, then the queues to wake.
+_PUBLISH = """
+local r, d = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, r do redis.call('LPUSH', KEYS[i], ARGV[2 + i]) end
+local b = 2 + r
+for i = 0, d - 1 do
+  local q, due = ARGV[b + 3 * i + 1], ARGV[b + 3 * i + 2]
+  redis.call('ZADD', 'celeriac.delayed.' .. q, due, ARGV[b + 3 * i + 3])
+  redis.call('ZADD', 'celeriac.delayed', 'LT', due, q)
+end
+for i = b + 3 * d + 1, #ARGV do wake(ARGV[i]) end
+"""
+
+# KEYS: in-flight hash, heartbeats, then the ready lists in pop order. ARGV: consumer,
+# max count, first tag, client now (for due delays), lease, one slot prefix per list,
+# then the queues to flag idle when nothing came back. Returns {idx, payload, ...}, next due.
+_FETCH = """
+redis.call('ZADD', KEYS[2], now() + ARGV[5], ARGV[1])
+promote(ARGV[4])
+local n, tag, lists = tonumber(ARGV[2]), tonumber(ARGV[3]), #KEYS - 2
+local out, fields = {}, {}
+for i = 1, lists do
+  if n <= 0 then break end
+  local got = redis.call('RPOP', KEYS[i + 2], n)
+  if got then
+    for _, p in ipairs(got) do
+      fields[#fields + 1] = tostring(tag); fields[#fields + 1] = ARGV[5 + i] .. p
+      out[#out + 1] = i; out[#out + 1] = p; tag = tag + 1
+    end
+    n = n - #got
+  end
+end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields))
+else for i = 6 + lists, #ARGV do redis.call('SET', 'celeriac.wake.' .. ARGV[i], '1') end end
+local nxt = redis.call('ZRANGE', 'celeriac.delayed', 0, 0, 'WITHSCORES')
+return {out, nxt[2]}
+"""
+
+# KEYS: in-flight hash, destination list. ARGV: tag, payload, queue to wake.
+_SETTLE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2]); wake(ARGV[3]); return 1
+"""
+
+# KEYS: in-flight hash, heartbeats, consumers. ARGV: consumer, marked, 'all' | tags...
+_RELEASE = """
+local all = ARGV[3] == 'all'
+local fields = all and redis.call('HKEYS', KEYS[1]) or {unpack(ARGV, 3)}
+local n = restore(KEYS[1], fields, ARGV[2] == '1')
+if all then
+  redis.call('DEL', KEYS[1]); redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return n
+"""
+
+_REAP = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now(), 'LIMIT', 0, 50)) do
+  local h = 'celeriac.inflight.' .. id
+  n = n + restore(h, redis.call('HKEYS', h), true)
+  redis.call('DEL', h); redis.call('ZREM', KEYS[1], id); redis.call('HDEL', KEYS[2], id)
+end
+return n
+"""
+
+_BEAT = """
+redis.call('ZADD', KEYS[1], now() + ARGV[2], ARGV[1]); redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+"""
+
+_LOCK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
+def bucket(priority: int | None) -> str:
+    """kombu's bucket for a priority: clamped to 0-9 and floored to 0, 3, 6 or 9."""
+    p = clamp_priority(priority)
+    return str(p - p % 3)
+
+
+def list_key(queue: str, step: str) -> str:
+    return queue if step == "0" else f"{queue}{SEP}{step}"
+
+
+def _slot(queue: str, step: str) -> str:
+    return f"{step}:{len(queue.encode())}:{queue}"
+
+
+def topic_pattern(key: str) -> str:
+    """kombu's regex for a topic binding key, stored so kombu producers can route too."""
+    wild = {"*": r".*?[^\.]", "#": r".*?"}
+    return "^" + r"\.".join(wild.get(w, re.escape(w)) for w in key.split(".")) + "$"
+
+
+def _redis_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "sentinel":
+        raise ImproperlyConfigured(
+            "The Redis transport does not support sentinel:// URLs yet; "
+            "point broker_url at the Redis master (redis://host:port/db)."
+        )
+    if scheme == "redis+socket":
+        return "unix://" + rest.replace("virtual_host=", "db=")
+    return url
+
+
+def _client(url: str, name: str | None, retries: int, options: Mapping[str, Any]) -> Redis:
+    retry = (
+        Retry(ExponentialBackoff(cap=0.5, base=0.05), retries) if retries else Retry(NoBackoff(), 0)
+    )
+    return Redis.from_url(
+        _redis_url(url),
+        retry=retry,
+        client_name=name,
+        socket_keepalive=True,
+        socket_connect_timeout=float(options.get("socket_connect_timeout", 5.0)),
+        socket_timeout=options.get("socket_timeout"),  # see the module docstring
+    )
+
+
+async def _subscribed(client: Redis, channels: list[str]) -> PubSub:
+    """A PubSub whose subscriptions the server has confirmed, so nothing sent after
+    this returns can be missed."""
+    ps = client.pubsub()
+    await ps.subscribe(*channels)
+    pending = len(channels)
+    while pending:
+        msg = await ps.get_message(timeout=5.0)
+        if msg is None:
+            raise rexc.TimeoutError("no subscribe confirmation from Redis")
+        if msg["type"] == "subscribe":
+            pending -= 1
+    return ps
+
+
+async def _close(ps: PubSub) -> None:
+    await ps.aclose()  # type: ignore[no-untyped-call]
