@@ -733,3 +733,100 @@ def test_sqlite_payload_is_the_kombu_envelope(sqlite_broker: Broker) -> None:
         assert isinstance(pack(env, "", "q"), bytes)
 
     run(main())
+
+
+def test_sqlite_claim_is_a_rowid_lookup_at_any_backlog(sqlite_broker: Broker) -> None:
+    """The claim UPDATE must not walk messages_ready (O(backlog) per claim)."""
+    from celeriac.transport.sqlite import claim_sql
+
+    async def main() -> None:
+        async with opened(sqlite_broker) as t:
+            await t.publish_many([out(f"m{i}", "q" if i % 2 else "r") for i in range(4000)])
+
+    run(main())
+    db = sqlite3.connect(path_of(sqlite_broker.url))
+    try:
+        db.execute("ANALYZE")  # with statistics too, the plan must stay on the rowid
+        for n_ids, n_queues in ((1, 1), (8, 1), (8, 2), (256, 2)):
+            args = ("owner", *range(1, n_ids + 1), *["q", "r"][:n_queues])
+            plan = db.execute("EXPLAIN QUERY PLAN " + claim_sql(n_ids, n_queues), args)
+            details = " | ".join(row[3] for row in plan)
+            assert "INTEGER PRIMARY KEY" in details and "messages_ready" not in details, details
+    finally:
+        db.close()
+
+
+def test_sqlite_acks_ride_in_one_transaction_with_the_refill(sqlite_broker: Broker) -> None:
+    """Acks of a tick and the claim that refills the freed slots commit together, and
+    a claim within heartbeat_interval of the last beat does not rewrite the heartbeat."""
+    broker = Broker("sqlite", sqlite_broker.url, {"lease_timeout": 60, "heartbeat_interval": 30})
+
+    async def main() -> None:
+        async with opened(broker) as t:
+            await t.publish_many([out(f"m{i:02}") for i in range(40)])
+            spec = [QueueSpec("q")]
+            async with t.consumer(spec, prefetch=4, consumer_id="batcher") as consumer:
+                statements: list[str] = []
+                t._db().set_trace_callback(statements.append)  # type: ignore[attr-defined]
+                it = aiter(consumer)
+                got: list[bytes] = []
+                for _ in range(10):
+                    batch = [await anext(it) for _ in range(4)]
+                    got += [d.envelope.body for d in batch]
+                    await asyncio.gather(*(consumer.ack(d) for d in batch))
+                    # ack() returned: the rows are gone for every other connection too
+                    other = sqlite3.connect(path_of(broker.url))
+                    try:
+                        ids = [d.tag for d in batch]
+                        marks = ",".join("?" * len(ids))
+                        sql = f"SELECT count(*) FROM messages WHERE id IN ({marks})"
+                        assert other.execute(sql, ids).fetchone() == (0,)
+                    finally:
+                        other.close()
+                t._db().set_trace_callback(None)  # type: ignore[attr-defined]
+            assert got == [f"m{i:02}".encode() for i in range(40)]
+            assert await t.size("q") == 0
+        txns: list[list[str]] = []
+        for sql in statements:
+            if sql.startswith("BEGIN"):
+                txns.append([])
+            elif txns and not sql.startswith("COMMIT"):
+                txns[-1].append(sql)
+        # one claim, then one transaction per group of four acks (the last refills nothing)
+        assert len(txns) == 11, txns
+        for txn in txns[1:]:
+            deletes = [s for s in txn if s.startswith("DELETE FROM messages")]
+            assert len(deletes) == 1 and deletes[0].count(",") == 3, txn
+        assert all("NOT INDEXED" in " ".join(txn) for txn in txns[:10])
+        assert not any("consumers" in s for txn in txns for s in txn)
+
+    run(main())
+
+
+def test_sqlite_refill_keeps_priority_and_not_before(sqlite_broker: Broker) -> None:
+    async def main() -> None:
+        async with opened(sqlite_broker) as t:
+            due = time.time() + 0.6
+            await t.publish_many(
+                [
+                    out("a", priority=0),
+                    out("b", priority=0),
+                    out("c", priority=9, not_before=due),
+                    out("d", priority=5),
+                ]
+            )
+            async with t.consumer([QueueSpec("q")], prefetch=1, consumer_id="c1") as consumer:
+                it = aiter(consumer)
+                order = []
+                for _ in range(4):
+                    d = await asyncio.wait_for(anext(it), 10)
+                    order.append(d.envelope.body)
+                    if d.envelope.body == b"c":
+                        assert time.time() >= due
+                    if d.envelope.body == b"a":
+                        while time.time() < due:  # let c become due before the refill
+                            await asyncio.sleep(0.02)
+                    await consumer.ack(d)  # its transaction claims the next one
+                assert order == [b"d", b"a", b"c", b"b"]
+
+    run(main())

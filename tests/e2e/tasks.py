@@ -151,6 +151,21 @@ def late_held(log: str, release: str) -> str:
     return "released" if ok else "timed out"
 
 
+@app.task(acks_late=True)
+def late_member(log: str, release: str, value: int) -> int:
+    """A chord header member that waits to be released, so its worker can be killed."""
+    append_line(log, f"start {value} {os.getpid()}")
+    wait_for_file(release)
+    return value
+
+
+@app.task
+def body_once(values: list[int], log: str) -> int:
+    """A chord body that leaves one line per run: the test counts them."""
+    append_line(log, "body")
+    return sum(values)
+
+
 @app.task
 def sleeper(seconds: float, log: str | None = None) -> str:
     if log:

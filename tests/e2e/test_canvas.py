@@ -153,9 +153,9 @@ def test_chord_of_no_members() -> None:
     assert chord([], tsum.s())().get(timeout=TIMEOUT) == 0
 
 
-def test_chord_of_200_members() -> None:
-    res = chord((add.s(i, i) for i in range(200)), tsum.s())()
-    assert res.get(timeout=60) == sum(2 * i for i in range(200))
+def test_chord_of_1000_members() -> None:
+    res = chord((add.s(i, i) for i in range(1000)), tsum.s())()
+    assert res.get(timeout=90) == sum(2 * i for i in range(1000))
 
 
 def test_group_in_chain() -> None:

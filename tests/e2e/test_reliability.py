@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from celeriac import Celery, states
+from celeriac import Celery, chord, states
 
 from . import tasks
 from .conftest import Broker, WorkerFactory, publish_raw, queue_size, wait_until
@@ -59,6 +59,30 @@ def test_killed_worker_task_runs_on_another_worker(
     assert r.get(timeout=30) == "released"
     assert tasks.lines(log)[2:] == [second[0].replace("start", "done")]
     assert r.id in survivor.log()
+
+
+def test_chord_body_runs_once_when_a_header_worker_is_killed(
+    worker: WorkerFactory, app: Celery, tmp_path: Path
+) -> None:
+    """acks_late header members die with their worker; the body still runs exactly once."""
+    log, body_log, release = str(tmp_path / "log"), str(tmp_path / "body"), tmp_path / "go"
+    doomed = worker(concurrency=2)
+    header = [tasks.late_member.s(log, str(release), i) for i in range(3)]
+    res = chord(header, tasks.body_once.s(body_log))()
+    wait_until(lambda: len(tasks.lines(log)) >= 2, what="two header members to start")
+    doomed.kill()
+    survivor = worker(concurrency=3)
+    wait_until(
+        lambda: len([x for x in tasks.lines(log) if x.startswith("start")]) >= 5,
+        timeout=45,
+        what="the survivor to take over the header members",
+    )
+    release.touch()
+    assert res.get(timeout=30) == 0 + 1 + 2
+    # A second body would come from a duplicate join; give it time to show up.
+    time.sleep(1.0)
+    assert tasks.lines(body_log) == ["body"]
+    assert res.id in survivor.log()
 
 
 def test_countdown_tasks_are_not_run_early(
