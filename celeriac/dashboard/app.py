@@ -33,6 +33,7 @@ import dataclasses
 import hmac
 import logging
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib import resources
@@ -62,6 +63,7 @@ KEEPALIVE = 15.0
 LISTENER_BUFFER = 1000
 MAX_LIMIT = 10_000
 _TRUE = {"1", "true", "yes", "on"}
+_WORKER_FIELDS = ("pid", "freq", "active", "processed", "loadavg", "sw_ident", "sw_ver", "sw_sys")
 
 
 class BadRequest(Exception):
@@ -88,7 +90,7 @@ def _flag(value: Any) -> bool:
 
 
 async def _params(request: Request) -> dict[str, Any]:
-    """Query parameters overlaid with a JSON or form body, so curl and fetch both work."""
+    """Query parameters overlaid with a JSON or url-encoded form body (curl, fetch, forms)."""
     params: dict[str, Any] = dict(request.query_params)
     kind = request.headers.get("content-type", "")
     if "json" in kind:
@@ -101,8 +103,9 @@ async def _params(request: Request) -> dict[str, Any]:
             if not isinstance(body, dict):
                 raise BadRequest("the JSON body must be an object")
             params.update(body)
-    elif "form" in kind:
-        params.update((await request.form()).items())
+    elif "x-www-form-urlencoded" in kind:  # parsed here: Starlette's needs python-multipart
+        text = (await request.body()).decode("utf-8", "replace")
+        params.update(urllib.parse.parse_qsl(text, keep_blank_values=True))
     return params
 
 
@@ -258,20 +261,18 @@ class Dashboard:
     # -- views -------------------------------------------------------------------------
 
     def worker_json(self, name: str, worker: WorkerState | None, now: float) -> dict[str, Any]:
+        """Heartbeat decides; a reply to the last refresh counts only for a worker
+        that sends no heartbeats at all."""
         info = self.worker_info.get(name, {})
-        alive = worker.alive_at(now) if worker is not None else False
         beat = worker.last_heartbeat if worker is not None else None
+        alive = worker.alive_at(now) if worker is not None else name in self.repliers
+        fields = {k: getattr(worker, k) for k in _WORKER_FIELDS} if worker is not None else {}
         return {
             "hostname": name,
-            "status": "online" if alive or name in self.repliers else "offline",
+            "status": "online" if alive else "offline",
             "last_heartbeat": beat,
             "heartbeat_age": None if beat is None else max(0.0, now - beat),
-            **(
-                {k: getattr(worker, k) for k in ("pid", "freq", "active", "processed", "loadavg",
-                                                  "sw_ident", "sw_ver", "sw_sys")}
-                if worker is not None
-                else {}
-            ),
+            **fields,
             "stats": info.get("stats"),
             "queues": info.get("queues"),
         }
@@ -329,8 +330,10 @@ def render_metrics(dash: Dashboard, queues: Sequence[Mapping[str, Any]]) -> str:
     family("celeriac_worker_active_tasks", "gauge", "Tasks running, from the last heartbeat.")
     for worker in dash.state.workers.values():
         if worker.alive_at(now):
-            lines.append(f'celeriac_worker_active_tasks{{worker="{_label(worker.hostname)}"}} '
-                         f"{int(worker.active or 0)}")
+            lines.append(
+                f'celeriac_worker_active_tasks{{worker="{_label(worker.hostname)}"}} '
+                f"{int(worker.active or 0)}"
+            )
     family("celeriac_tasks_total", "counter", "Task events seen, by the state they report.")
     for state, count in sorted(dash.task_totals.items()):
         lines.append(f'celeriac_tasks_total{{state="{_label(state)}"}} {count}')
@@ -342,8 +345,9 @@ def render_metrics(dash: Dashboard, queues: Sequence[Mapping[str, Any]]) -> str:
     family("celeriac_queue_length", "gauge", "Messages waiting in a queue (not leased).")
     for row in queues:
         if row.get("messages") is not None:
-            lines.append(f'celeriac_queue_length{{queue="{_label(str(row["name"]))}"}} '
-                         f"{row['messages']}")
+            lines.append(
+                f'celeriac_queue_length{{queue="{_label(str(row["name"]))}"}} {row["messages"]}'
+            )
     family("celeriac_events_total", "counter", "Events received by this dashboard.")
     lines.append(f"celeriac_events_total {dash.state.event_count}")
     return "\n".join(lines) + "\n"
@@ -428,14 +432,16 @@ def create_app(
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     async def status(request: Request) -> Response:
-        return _json({
-            "connected": dash.connected,
-            "broker": redact_url(celeriac_app.broker_url_resolved()),
-            "events": dash.state.event_count,
-            "tasks": len(dash.state.tasks),
-            "workers": len(dash.state.alive_workers()),
-            "dropped": dash.dropped,
-        })
+        return _json(
+            {
+                "connected": dash.connected,
+                "broker": redact_url(celeriac_app.broker_url_resolved()),
+                "events": dash.state.event_count,
+                "tasks": len(dash.state.tasks),
+                "workers": len(dash.state.alive_workers()),
+                "dropped": dash.dropped,
+            }
+        )
 
     async def workers(request: Request) -> Response:
         if _flag(request.query_params.get("refresh", "")):
@@ -481,7 +487,7 @@ def create_app(
                 "state": meta.status,
                 "result": meta.result,
                 "traceback": meta.traceback,
-                "date_done": meta.date_done.isoformat() if meta.date_done else None,
+                "date_done": meta.date_done,
             }
         if not known:
             data["state"] = meta.status if meta is not None else "PENDING"
@@ -539,8 +545,9 @@ def create_app(
 
     async def events(request: Request) -> Response:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(dash.stream_events(), media_type="text/event-stream",
-                                 headers=headers)
+        return StreamingResponse(
+            dash.stream_events(), media_type="text/event-stream", headers=headers
+        )
 
     async def metrics(request: Request) -> Response:
         text = render_metrics(dash, await dash.queue_sizes())
@@ -567,7 +574,11 @@ def create_app(
     if basic_auth:
         creds = parse_credentials(basic_auth) if isinstance(basic_auth, str) else basic_auth
         middleware.append(Middleware(BasicAuth, credentials=list(creds)))
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={BadRequest: bad_request})
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={BadRequest: bad_request},
+    )
     app.state.dashboard = dash
     return app

@@ -43,16 +43,17 @@ has (RabbitMQ only expires a queue's head, so a long delay holds up shorter ones
 it). The chains are per queue, unlike kombu's shared levels, so ``size`` and ``purge``
 count and drop a queue's delayed messages; a chain is made on a queue's first delayed
 message and stays. A delay to a named exchange (whose queues a producer cannot know) or
-beyond 2^32 ms (49.7 days) is published now (or after the maximum) with header
-``x-celeriac-not-before`` (unix ms); a celeriac consumer that receives it early parks it in its
-queue's chain (publish, then ack) instead of yielding it, and a Celery worker honours
-the ``eta`` header.
+beyond 2^32 ms (49.7 days) is published now (or after the maximum) with the header
+``x-celeriac-not-before`` (unix ms); a celeriac consumer that receives it early parks it
+in its queue's chain (publish, then ack) instead of yielding it, and a Celery worker
+honours the ``eta`` header.
 
 **Leases** are unacked deliveries on the consumer's channel: closing the channel, or
 losing the connection, returns them and RabbitMQ flags them redelivered. Prefetch is
 ``basic.qos`` per consumer (RabbitMQ applies a change only to consumers started after
 it, so ``set_prefetch`` re-subscribes), plus a client-side cap: at most ``prefetch``
-deliveries are handed out unsettled across all queues.
+deliveries are handed out unsettled across all queues (with several queues, up to
+``prefetch`` per queue may wait unacked in the consumer's buffer).
 
 **Publishing** uses publisher confirms and ``mandatory``: a call returns once RabbitMQ
 has the message, and an unroutable one raises TransportError (``publish_many`` is not
@@ -468,6 +469,7 @@ class AMQPTransport(Transport):
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
         while sends:
+            ch: AbstractChannel | None = None
             try:
                 ch = await self._channel("pub")
             except CONN_ERRORS as exc:
@@ -480,7 +482,7 @@ class AMQPTransport(Transport):
             retry = []
             for send, result in zip(sends, results, strict=True):
                 if isinstance(result, CONN_ERRORS) or (
-                        isinstance(result, asyncio.CancelledError) and ch.is_closed):
+                        isinstance(result, asyncio.CancelledError) and ch and ch.is_closed):
                     retry.append(send)
                 elif isinstance(result, BaseException):
                     raise self._publish_error(send, result)

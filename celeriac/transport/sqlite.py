@@ -596,7 +596,7 @@ class SQLiteConsumer(_Backoff, Consumer):
                 taken.append((self._ack_ids, self._ack_done))
                 self._ack_ids, self._ack_done = [], None
                 _delete(conn, taken[0][0])
-            if time.time() - self._beat_at >= self._beat_every:
+            if not self._closed and time.time() - self._beat_at >= self._beat_every:
                 beat.append(self.beat(conn))
             return claim(conn)
 
@@ -610,6 +610,7 @@ class SQLiteConsumer(_Backoff, Consumer):
         if beat:
             self._beat_at = beat[0]
         if got:
+            self.leased.update(_tag(d) for d in got)  # only once committed
             self._buffer += got
             if wake:  # the iterator may be napping; it did not claim these itself
                 self.waker.wake()
@@ -637,7 +638,6 @@ class SQLiteConsumer(_Backoff, Consumer):
             except Exception as exc:  # any undecodable row must not stop the consumer
                 self._bury(conn, row_id, queue, payload, str(exc) or type(exc).__name__)
                 continue
-            self.leased.add(row_id)
             out.append(Delivery(env, queue, exchange, rkey, bool(redelivered or flagged), row_id))
         return out
 

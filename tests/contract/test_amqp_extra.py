@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -147,12 +147,12 @@ def test_raw_celery_message_is_consumed(names: Names) -> None:
     q = names.q()
     tid = str(uuid.uuid4())
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    headers = {"lang": "py", "task": "proj.tasks.add", "id": tid, "shadow": None, "eta": None,
-               "expires": None, "group": None, "group_index": None, "retries": 0,
-               "timelimit": [None, None], "root_id": tid, "parent_id": None,
-               "argsrepr": "(1, 2)", "kwargsrepr": "{'x': 3}", "origin": "gen42@host",
-               "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None,
-               "stamps": {}}
+    headers: dict[str, Any] = {
+        "lang": "py", "task": "proj.tasks.add", "id": tid, "shadow": None, "eta": None,
+        "expires": None, "group": None, "group_index": None, "retries": 0,
+        "timelimit": [None, None], "root_id": tid, "parent_id": None, "argsrepr": "(1, 2)",
+        "kwargsrepr": "{'x': 3}", "origin": "gen42@host", "ignore_result": False,
+        "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
 
     async def main() -> None:
         async with opened_t() as t:
@@ -196,7 +196,10 @@ def record(path, tag):
 
 
 def celery_app(tmp_path: Path, q: str) -> Path:
-    pytest.importorskip("celery")
+    try:
+        import celery  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"the real celery package is not installed: {exc}")
     (tmp_path / "capp.py").write_text(CELERY_APP.format(url=URL, queue=q))
     return tmp_path
 
@@ -265,12 +268,8 @@ def test_celery_worker_runs_what_we_publish(names: Names, tmp_path: Path) -> Non
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGQUIT)  # cold shutdown: its work is done
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        proc.kill()  # its work is checked; Celery's own shutdown takes ~10 s on AMQP
+        proc.wait(15)
 
 
 # -- delays and priorities -------------------------------------------------------------------

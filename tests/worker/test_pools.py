@@ -461,6 +461,20 @@ def test_prefork_moves_whole_jobs_and_outcomes_of_any_size() -> None:
     run(main)
 
 
+def test_prefork_job_that_does_not_pickle_fails_alone() -> None:
+    async def main() -> None:
+        pool = await started("prefork", 1)()
+        bad = make_job("ok:1", headers={"fn": lambda: None})
+        jobs = [make_job("ok:0"), bad, make_job("ok:2")]
+        outcomes = await asyncio.wait_for(asyncio.gather(*(pool.run(j) for j in jobs)), 10)
+        assert [o.state for o in outcomes] == ["SUCCESS", "FAILURE", "SUCCESS"]
+        assert "lambda" in (outcomes[1].exc_repr or "")
+        assert (await pool.run(make_job("ok:3"))).retval_repr == "'3'"
+        await pool.stop(graceful=True)
+
+    run(main)
+
+
 def test_prefork_graceful_stop_waits_and_cold_stop_kills() -> None:
     async def main() -> None:
         pool = await started("prefork", 2)()

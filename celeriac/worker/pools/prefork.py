@@ -422,8 +422,7 @@ class PreforkPool:
         if child.gone:
             return
         if child.outbox:
-            child.wbuf += _frame(child.outbox)
-            child.outbox = []
+            self._encode(child)
         try:
             sent = child.sock.send(child.wbuf)
         except (BlockingIOError, InterruptedError):
@@ -440,6 +439,29 @@ class PreforkPool:
             assert self._loop is not None
             self._loop.remove_writer(child.sock.fileno())
             child.writing = False
+
+    def _encode(self, child: _Child) -> None:
+        outbox, child.outbox = child.outbox, []
+        try:
+            child.wbuf += _frame(outbox)
+            return
+        except Exception:  # something in a job does not pickle: fail that job alone
+            pass
+        good, failed = [], False
+        for message in outbox:
+            try:
+                pickle.dumps(message, protocol=_PROTOCOL)
+            except Exception as exc:  # only a job holds user values; task_id comes first
+                entry = self._take(child, message[1][0]) if message[0] == JOB else None
+                if entry is not None and not entry.fut.done():
+                    entry.fut.set_result(self._runner.lost(entry.job, exc))
+                failed = True
+            else:
+                good.append(message)
+        if good:
+            child.wbuf += _frame(good)
+        if failed:  # its slot is free again
+            self._after_reply(child)
 
     def _on_readable(self, child: _Child) -> None:
         try:
