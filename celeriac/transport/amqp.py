@@ -74,170 +74,56 @@ connection dies, so a dead leader's lock goes at once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aiormq import exceptions as aexc
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from aiormq.abc import AbstractChannel, AbstractConnection
 from pamqp import commands as spec
 
+from ._amqp_common import (
+    BROADCAST,
+    CONN_ERRORS,
+    DUE,
+    LEVELS,
+    LISTEN_ERRORS,
+    LOCK,
+    T,
+    _Held,
+    _pattern,
+    _properties,
+    _reason,
+    _Send,
+    amqp_url,
+    delay_key,
+    delay_queue,
+    delay_queues,
+    exchange_name,
+    exit_queue,
+    queue_arguments,
+    queue_tag,
+)
+from ._amqp_consumer import AMQPConsumer, _Subscriber
 from .base import (
     MAX_PRIORITY,
     Consumer,
-    Delivery,
-    Envelope,
     Features,
     Outgoing,
     QueueSpec,
     Transport,
     TransportError,
-    clamp_priority,
-    dead_letter_name,
-    with_dead_reason,
 )
 
 __all__ = ["AMQPConsumer", "AMQPTransport", "delay_queues"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-LEVELS = 32
-MAX_DELAY_MS = 2**LEVELS - 1
-DELAY = "celeriac.delay."
-DUE = "celeriac.delay.due"
-LOCK = "celeriac.lock."
-BROADCAST = "celeriac.bc."
-NOT_BEFORE = "x-celeriac-not-before"
-# RabbitMQ's dead-lettering history. Dropped from messages that went through our delay
-# chain: a copy re-published with it would look like a dead-letter cycle and be dropped.
-DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-         "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
-CONN_ERRORS = (aexc.AMQPConnectionError, aexc.ChannelInvalidStateError, ConnectionError,
-               OSError)
-LISTEN_ERRORS = (*CONN_ERRORS, aexc.AMQPError, TransportError)
-
-
-# -- names and encodings ------------------------------------------------------------------
-
-
-def exchange_name(level: int) -> str:
-    """Delay exchange of ``level``; level -1 is the end of the cascade."""
-    return f"{DELAY}{level:02d}" if level >= 0 else DUE
-
-
-def delay_queue(queue: str, level: int) -> str:
-    return f"{DELAY}{queue}.{level:02d}"
-
-
-def exit_queue(queue: str) -> str:
-    return f"{DELAY}{queue}.due"
-
-
-def delay_queues(queue: str) -> list[str]:
-    """Every queue of ``queue``'s delay chain (they exist once it had a delayed message)."""
-    return [*(delay_queue(queue, k) for k in range(LEVELS)), exit_queue(queue)]
-
-
-def queue_tag(queue: str) -> str:
-    return hashlib.blake2b(queue.encode(), digest_size=8).hexdigest()
-
-
-def delay_key(delay_ms: int, queue: str) -> str:
-    bits = format(min(max(delay_ms, 0), MAX_DELAY_MS), f"0{LEVELS}b")
-    return ".".join(bits) + "." + queue_tag(queue)
-
-
-def _pattern(level: int, bit: str, tail: str) -> str:
-    """Topic pattern matching ``bit`` at ``level``'s position of a delay key."""
-    return "*." * (LEVELS - 1 - level) + bit + "." + tail
-
-
-def queue_arguments(queue: QueueSpec) -> dict[str, Any]:
-    args = dict(queue.arguments)
-    if args.get("x-queue-type", "classic") == "classic":
-        args.setdefault(
-            "x-max-priority", MAX_PRIORITY if queue.max_priority is None else queue.max_priority)
-    return args
-
-
-def amqp_url(url: str) -> str:
-    """Celery's URL forms to the ``amqp(s)://`` that aio-pika takes."""
-    scheme, _, rest = url.partition("://")
-    if not rest or rest[0] in "/?":
-        rest = "guest:guest@localhost" + rest
-    return ("amqps" if scheme.lower() == "amqps" else "amqp") + "://" + rest
-
-
-def _table(value: Any) -> Any:
-    """AMQP tables take lists and dicts, not tuples (Celery's ``timelimit`` is one)."""
-    if isinstance(value, Mapping):
-        return {str(k): _table(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_table(v) for v in value]
-    return value
-
-
-def _properties(env: Envelope, not_before: float | None) -> spec.Basic.Properties:
-    headers = _table(env.headers)
-    if not_before is not None:
-        headers[NOT_BEFORE] = int(not_before * 1000)  # ms: AMQP floats are 32-bit
-        for key in DEATH:
-            headers.pop(key, None)
-    return spec.Basic.Properties(
-        content_type=env.content_type, content_encoding=env.content_encoding,
-        headers=headers, delivery_mode=2 if env.persistent else 1,
-        priority=clamp_priority(env.priority), correlation_id=env.correlation_id,
-        reply_to=env.reply_to)
-
-
-def _envelope(msg: DeliveredMessage) -> Envelope:
-    p = msg.header.properties
-    headers = dict(p.headers or {})
-    if headers.pop(NOT_BEFORE, None) is not None:
-        for key in DEATH:
-            headers.pop(key, None)
-    return Envelope(
-        body=msg.body, headers=headers, content_type=p.content_type or "application/json",
-        content_encoding=p.content_encoding or "utf-8", priority=p.priority,
-        correlation_id=p.correlation_id, reply_to=p.reply_to or None,
-        persistent=p.delivery_mode != 1)
-
-
-def _not_before(msg: DeliveredMessage) -> float | None:
-    value = (msg.header.properties.headers or {}).get(NOT_BEFORE)
-    return value / 1000 if isinstance(value, int) else None
-
-
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(a) for a in exc.args) or type(exc).__name__
-
-
-@dataclass(slots=True)
-class _Send:
-    item: Outgoing | None  # None for broadcasts
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: spec.Basic.Properties
-    mandatory: bool = True
-
-
-@dataclass(eq=False, slots=True)
-class _Held:
-    owner: str
-    expires: float
-    connection: object
-    timer: asyncio.TimerHandle | None = None
 
 
 class AMQPTransport(Transport):
@@ -246,8 +132,11 @@ class AMQPTransport(Transport):
     schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps", "pyamqp")
     features: ClassVar[Features] = Features(native_routing=True, push_delivery=True)
 
-    def __init__(self, url: str = "amqp://guest:guest@localhost:5672//",
-                 options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@localhost:5672//",
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(url, options)
         self.retry_timeout = float(self.options.get("retry_timeout", 20.0))
         self.connect_timeout = float(self.options.get("connect_timeout", 10.0))
@@ -279,12 +168,15 @@ class AMQPTransport(Transport):
             if self._conn is None or self._conn.is_closed:
                 try:
                     conn = await aio_pika.connect_robust(
-                        amqp_url(self.url), timeout=self.connect_timeout,
+                        amqp_url(self.url),
+                        timeout=self.connect_timeout,
                         reconnect_interval=self.reconnect_interval,
-                        client_properties={"connection_name": "celeriac"})
+                        client_properties={"connection_name": "celeriac"},
+                    )
                 except (aexc.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
                     raise TransportError(
-                        f"cannot reach RabbitMQ at {self.describe()}: {_reason(exc)}") from exc
+                        f"cannot reach RabbitMQ at {self.describe()}: {_reason(exc)}"
+                    ) from exc
                 conn.reconnect_callbacks.add(self._reconnected)
                 self._conn = conn
         return self._conn
@@ -298,8 +190,9 @@ class AMQPTransport(Transport):
         try:
             await asyncio.wait_for(conn.ready(), self.retry_timeout)
         except TimeoutError:
-            raise TransportError(f"RabbitMQ at {self.describe()} has been unreachable for "
-                                 f"{self.retry_timeout:g} s") from None
+            raise TransportError(
+                f"RabbitMQ at {self.describe()} has been unreachable for {self.retry_timeout:g} s"
+            ) from None
         if conn.transport is None:
             raise ConnectionError("connection is being re-established")
         return conn.transport.connection
@@ -308,7 +201,8 @@ class AMQPTransport(Transport):
         under = await self._underlay()
         try:
             ch: AbstractChannel = await under.channel(
-                publisher_confirms=confirms, on_return_raises=confirms)
+                publisher_confirms=confirms, on_return_raises=confirms
+            )
         except RuntimeError as exc:  # aiormq: the connection closed meanwhile
             raise ConnectionError(str(exc)) from exc
         return ch
@@ -334,7 +228,8 @@ class AMQPTransport(Transport):
             except CONN_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise TransportError(
-                        f"RabbitMQ at {self.describe()} is unavailable: {_reason(exc)}") from exc
+                        f"RabbitMQ at {self.describe()} is unavailable: {_reason(exc)}"
+                    ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -359,32 +254,42 @@ class AMQPTransport(Transport):
             try:
                 await self._admin(partial(self._declare, queue=queue))
             except aexc.AMQPError as exc:
-                raise TransportError(f"cannot declare queue {queue.name!r} on exchange "
-                                     f"{queue.exchange!r}: {_reason(exc)}") from exc
+                raise TransportError(
+                    f"cannot declare queue {queue.name!r} on exchange "
+                    f"{queue.exchange!r}: {_reason(exc)}"
+                ) from exc
             self._known.add(queue.name)
 
     async def _declare(self, ch: AbstractChannel, queue: QueueSpec) -> None:
         q = queue
         if q.exchange:
             try:
-                await ch.exchange_declare(q.exchange, exchange_type=q.exchange_type,
-                                          durable=True, passive=q.exchange.startswith("amq."))
+                await ch.exchange_declare(
+                    q.exchange,
+                    exchange_type=q.exchange_type,
+                    durable=True,
+                    passive=q.exchange.startswith("amq."),
+                )
             except aexc.ChannelPreconditionFailed as exc:
                 raise TransportError(
                     f"exchange {q.exchange!r} already exists with another type or durability "
-                    f"than {q.exchange_type}, durable ({_reason(exc)})") from None
+                    f"than {q.exchange_type}, durable ({_reason(exc)})"
+                ) from None
         args = queue_arguments(q)
         try:
-            await ch.queue_declare(q.name, durable=q.durable, auto_delete=q.auto_delete,
-                                   arguments=args)
+            await ch.queue_declare(
+                q.name, durable=q.durable, auto_delete=q.auto_delete, arguments=args
+            )
         except aexc.ChannelPreconditionFailed as exc:
             raise TransportError(
                 f"queue {q.name!r} already exists with other settings than durable={q.durable}, "
                 f"auto_delete={q.auto_delete}, arguments={args!r} ({_reason(exc)}); delete it or "
-                f"declare it alike everywhere (Celery: task_queue_max_priority = 9)") from None
+                f"declare it alike everywhere (Celery: task_queue_max_priority = 9)"
+            ) from None
         except aexc.ChannelLockedResource as exc:
-            raise TransportError(f"queue {q.name!r} is another connection's exclusive queue "
-                                 f"({_reason(exc)})") from None
+            raise TransportError(
+                f"queue {q.name!r} is another connection's exclusive queue ({_reason(exc)})"
+            ) from None
         if q.exchange:
             await ch.queue_bind(q.name, q.exchange, routing_key=q.routing_key)
 
@@ -394,10 +299,14 @@ class AMQPTransport(Transport):
             return
 
         async def op(ch: AbstractChannel) -> None:
-            with suppress(aexc.ChannelPreconditionFailed, aexc.ChannelLockedResource,
-                          aexc.ChannelAccessRefused):  # it exists, as someone else declared it
-                await ch.queue_declare(name, durable=True,
-                                       arguments={"x-max-priority": MAX_PRIORITY})
+            with suppress(
+                aexc.ChannelPreconditionFailed,
+                aexc.ChannelLockedResource,
+                aexc.ChannelAccessRefused,
+            ):  # it exists, as someone else declared it
+                await ch.queue_declare(
+                    name, durable=True, arguments={"x-max-priority": MAX_PRIORITY}
+                )
 
         await self._admin(op)
         self._known.add(name)
@@ -413,13 +322,28 @@ class AMQPTransport(Transport):
         async def op(ch: AbstractChannel) -> None:
             for k in range(LEVELS):  # pipelined; the last bind waits for them all
                 name = delay_queue(queue, k)
-                await ch.queue_declare(name, durable=True, nowait=True, arguments={
-                    "x-message-ttl": 2**k, "x-dead-letter-exchange": exchange_name(k - 1)})
-                await ch.queue_bind(name, exchange_name(k), _pattern(k, "1", "*." * k + tag),
-                                    nowait=True)
-            await ch.queue_declare(exit_queue(queue), durable=True, nowait=True, arguments={
-                "x-message-ttl": 0, "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue})
+                await ch.queue_declare(
+                    name,
+                    durable=True,
+                    nowait=True,
+                    arguments={
+                        "x-message-ttl": 2**k,
+                        "x-dead-letter-exchange": exchange_name(k - 1),
+                    },
+                )
+                await ch.queue_bind(
+                    name, exchange_name(k), _pattern(k, "1", "*." * k + tag), nowait=True
+                )
+            await ch.queue_declare(
+                exit_queue(queue),
+                durable=True,
+                nowait=True,
+                arguments={
+                    "x-message-ttl": 0,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
             await ch.queue_bind(exit_queue(queue), DUE, "#." + tag)
 
         await self._admin(op)
@@ -429,10 +353,12 @@ class AMQPTransport(Transport):
     async def _declare_topology(ch: AbstractChannel) -> None:
         await ch.exchange_declare(DUE, exchange_type="topic", durable=True, nowait=True)
         for k in range(LEVELS):
-            await ch.exchange_declare(exchange_name(k), exchange_type="topic", durable=True,
-                                      nowait=True)
-            await ch.exchange_bind(exchange_name(k - 1), exchange_name(k),
-                                   _pattern(k, "0", "#"), nowait=True)
+            await ch.exchange_declare(
+                exchange_name(k), exchange_type="topic", durable=True, nowait=True
+            )
+            await ch.exchange_bind(
+                exchange_name(k - 1), exchange_name(k), _pattern(k, "0", "#"), nowait=True
+            )
         await ch.exchange_declare(DUE, exchange_type="topic", durable=True)  # waits for all
 
     async def _has_chain(self, queue: str) -> bool:
@@ -458,8 +384,9 @@ class AMQPTransport(Transport):
             try:
                 await self._ensure_chain(key)
             except aexc.AMQPError as exc:
-                raise TransportError(f"cannot set up delayed delivery to queue {key!r}: "
-                                     f"{_reason(exc)}") from exc
+                raise TransportError(
+                    f"cannot set up delayed delivery to queue {key!r}: {_reason(exc)}"
+                ) from exc
             exchange, key = exchange_name(LEVELS - 1), delay_key(delay_ms, key)
         return _Send(item, exchange, key, env.body, props)
 
@@ -476,22 +403,36 @@ class AMQPTransport(Transport):
                 results: list[Any] = [exc] * len(sends)
             else:
                 results = await asyncio.gather(
-                    *(ch.basic_publish(s.body, exchange=s.exchange, routing_key=s.routing_key,
-                                       properties=s.properties, mandatory=s.mandatory)
-                      for s in sends), return_exceptions=True)
+                    *(
+                        ch.basic_publish(
+                            s.body,
+                            exchange=s.exchange,
+                            routing_key=s.routing_key,
+                            properties=s.properties,
+                            mandatory=s.mandatory,
+                        )
+                        for s in sends
+                    ),
+                    return_exceptions=True,
+                )
             retry = []
             for send, result in zip(sends, results, strict=True):
                 if isinstance(result, CONN_ERRORS) or (
-                        isinstance(result, asyncio.CancelledError) and ch and ch.is_closed):
+                    isinstance(result, asyncio.CancelledError) and ch and ch.is_closed
+                ):
                     retry.append(send)
                 elif isinstance(result, BaseException):
                     raise self._publish_error(send, result)
             if retry and time.monotonic() + delay > deadline:
-                raise TransportError(f"publishing to RabbitMQ at {self.describe()} failed: "
-                                     f"the connection did not come back in time")
+                raise TransportError(
+                    f"publishing to RabbitMQ at {self.describe()} failed: "
+                    f"the connection did not come back in time"
+                )
             if retry:
-                logger.warning("RabbitMQ connection lost while publishing; resending %d "
-                               "unconfirmed messages", len(retry))
+                logger.warning(
+                    "RabbitMQ connection lost while publishing; resending %d unconfirmed messages",
+                    len(retry),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             sends = retry
@@ -502,28 +443,34 @@ class AMQPTransport(Transport):
         key = item.routing_key if item else send.routing_key
         if isinstance(exc, aexc.PublishError):
             self._known.discard(key)  # a queue we thought existed may have been deleted
-            return TransportError(f"unroutable message: exchange {exchange!r} has no queue "
-                                  f"bound for routing key {key!r} ({_reason(exc)})")
+            return TransportError(
+                f"unroutable message: exchange {exchange!r} has no queue "
+                f"bound for routing key {key!r} ({_reason(exc)})"
+            )
         if isinstance(exc, aexc.ChannelNotFoundEntity):
             self._exchanges.discard(exchange)
-            return TransportError(f"cannot publish to exchange {exchange!r} with routing key "
-                                  f"{key!r}: {_reason(exc)}")
+            return TransportError(
+                f"cannot publish to exchange {exchange!r} with routing key {key!r}: {_reason(exc)}"
+            )
         if isinstance(exc, aexc.AMQPError):
-            return TransportError(f"RabbitMQ refused a message for exchange {exchange!r}, "
-                                  f"routing key {key!r}: {exc}")
+            return TransportError(
+                f"RabbitMQ refused a message for exchange {exchange!r}, routing key {key!r}: {exc}"
+            )
         if isinstance(exc, TypeError):
             return TransportError(f"message headers cannot be encoded for AMQP: {exc}")
         return exc
 
     # -- queues ---------------------------------------------------------------------------
 
-    def consumer(self, queues: Sequence[QueueSpec], *, prefetch: int,
-                 consumer_id: str) -> AbstractAsyncContextManager[Consumer]:
+    def consumer(
+        self, queues: Sequence[QueueSpec], *, prefetch: int, consumer_id: str
+    ) -> AbstractAsyncContextManager[Consumer]:
         return self._consume(queues, prefetch, consumer_id)
 
     @asynccontextmanager
-    async def _consume(self, queues: Sequence[QueueSpec], prefetch: int,
-                       consumer_id: str) -> AsyncIterator[Consumer]:
+    async def _consume(
+        self, queues: Sequence[QueueSpec], prefetch: int, consumer_id: str
+    ) -> AsyncIterator[Consumer]:
         consumer = AMQPConsumer(self, list(queues), prefetch, consumer_id)
         await consumer.start()
         try:
@@ -537,8 +484,7 @@ class AMQPTransport(Transport):
 
         async def op(ch: AbstractChannel) -> int | None:
             try:
-                ok = await (ch.queue_purge(name) if purge else
-                            ch.queue_declare(name, passive=True))
+                ok = await (ch.queue_purge(name) if purge else ch.queue_declare(name, passive=True))
             except (aexc.ChannelNotFoundEntity, aexc.ChannelLockedResource):
                 return None
             return int(ok.message_count or 0)
@@ -557,8 +503,9 @@ class AMQPTransport(Transport):
 
     async def _ensure_fanout(self, exchange: str) -> None:
         if exchange not in self._exchanges:
-            await self._admin(lambda ch: ch.exchange_declare(
-                exchange, exchange_type="fanout", durable=True))
+            await self._admin(
+                lambda ch: ch.exchange_declare(exchange, exchange_type="fanout", durable=True)
+            )
             self._exchanges.add(exchange)
 
     async def broadcast(self, channel: str, payload: bytes) -> None:
@@ -626,274 +573,3 @@ class AMQPTransport(Transport):
         task = asyncio.get_running_loop().create_task(unlock())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-@dataclass(eq=False, slots=True)
-class _Receipt:
-    channel: AbstractChannel
-    delivery_tag: int
-
-
-class _Listener:
-    """Keeps one channel subscribed: opened by ``start``, re-opened after it is lost."""
-
-    what = "listener"
-
-    def __init__(self, transport: AMQPTransport) -> None:
-        self._t = transport
-        self._ch: AbstractChannel | None = None
-        self._closed = False
-        self._watcher: asyncio.Task[None] | None = None
-
-    async def _setup(self, ch: AbstractChannel) -> None:
-        raise NotImplementedError
-
-    async def start(self) -> None:
-        await self._open()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _open(self) -> None:
-        ch = await self._t.open_channel()
-        self._ch = ch
-        try:
-            await self._setup(ch)
-        except BaseException:
-            with suppress(*LISTEN_ERRORS):
-                await ch.close()
-            raise
-
-    async def _watch(self) -> None:
-        while not self._closed:
-            assert self._ch is not None
-            await asyncio.wait([self._ch.closing])
-            if self._closed:
-                return
-            if self._t.closed:
-                self._ended()
-                return
-            logger.warning("%s lost its RabbitMQ channel; resubscribing", self.what)
-            delay = 0.1
-            while not self._closed and not self._t.closed:
-                try:
-                    await self._open()
-                except LISTEN_ERRORS as exc:
-                    logger.warning("%s: resubscribing failed (%s); retrying", self.what, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                else:
-                    logger.info("%s resubscribed", self.what)
-                    break
-
-    def _ended(self) -> None:
-        """End iteration: stopped, or the transport was closed under us."""
-
-    async def stop(self) -> None:
-        """Close the channel: RabbitMQ returns its unacked deliveries, flagged redelivered."""
-        self._closed = True
-        self._ended()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._watcher
-        if self._ch is not None and not self._ch.is_closed:
-            with suppress(*LISTEN_ERRORS):
-                await self._ch.close()
-
-
-class _Subscriber(_Listener):
-    what = "broadcast subscriber"
-
-    def __init__(self, transport: AMQPTransport, exchange: str) -> None:
-        super().__init__(transport)
-        self.exchange = exchange
-        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def _ended(self) -> None:
-        self._inbox.put_nowait(None)
-
-    async def _setup(self, ch: AbstractChannel) -> None:
-        await ch.exchange_declare(self.exchange, exchange_type="fanout", durable=True)
-        ok = await ch.queue_declare("", exclusive=True, auto_delete=True)
-        assert ok.queue is not None
-        await ch.queue_bind(ok.queue, self.exchange)
-
-        async def on_message(msg: DeliveredMessage) -> None:
-            self._inbox.put_nowait(msg.body)
-
-        await ch.basic_consume(ok.queue, on_message, no_ack=True)
-
-    async def payloads(self) -> AsyncIterator[bytes]:
-        while (payload := await self._inbox.get()) is not None:
-            yield payload
-
-
-class AMQPConsumer(_Listener, Consumer):
-    """basic.consume on one channel per consumer; deliveries are yielded in arrival order."""
-
-    def __init__(self, transport: AMQPTransport, queues: list[QueueSpec], prefetch: int,
-                 consumer_id: str) -> None:
-        super().__init__(transport)
-        self.what = f"consumer {consumer_id}"
-        self.consumer_id = consumer_id
-        self._queues = queues
-        self._prefetch = max(0, prefetch)
-        self._inbox: asyncio.Queue[tuple[DeliveredMessage, str] | None] = asyncio.Queue()
-        self._tags: dict[str, str] = {}
-        self._held: set[_Receipt] = set()
-        self._room = asyncio.Event()
-
-    @property
-    def queues(self) -> list[QueueSpec]:
-        return list(self._queues)
-
-    async def _setup(self, ch: AbstractChannel) -> None:
-        self._held.clear()  # deliveries of a lost channel are back in their queues
-        self._tags = {}
-        self._room.set()
-        await ch.basic_qos(prefetch_count=self._prefetch)
-        ch.on_consumer_cancel_callbacks.add(self._broker_cancelled)
-        for queue in self._queues:
-            await self._subscribe(ch, queue)
-
-    def _broker_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        """RabbitMQ cancels a consumer whose queue was deleted: declare it and go on."""
-        name = next((n for n, tag in self._tags.items() if tag == frame.consumer_tag), None)
-        queue = next((q for q in self._queues if q.name == name), None)
-        ch = self._ch
-        if name is None or queue is None or ch is None:
-            return
-        del self._tags[name]
-        logger.warning("%s: RabbitMQ cancelled consuming from %r; subscribing again",
-                       self.what, name)
-
-        async def again() -> None:
-            try:
-                await self._subscribe(ch, queue)
-            except LISTEN_ERRORS as exc:
-                logger.error("%s: could not consume from %r again: %s", self.what, name, exc)
-
-        task = asyncio.get_running_loop().create_task(again())
-        self._t._background.add(task)
-        task.add_done_callback(self._t._background.discard)
-
-    async def _subscribe(self, ch: AbstractChannel, queue: QueueSpec) -> None:
-        await self._t.declare([queue])
-        name = queue.name
-
-        async def on_message(msg: DeliveredMessage) -> None:
-            self._inbox.put_nowait((msg, name))
-
-        tag = f"{self.consumer_id}:{name}:{secrets.token_hex(4)}"
-        await ch.basic_consume(name, on_message, consumer_tag=tag)
-        self._tags[name] = tag
-
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
-        while not self._closed and not self._t.closed:
-            if self._prefetch and len(self._held) >= self._prefetch:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            item = await self._inbox.get()
-            if item is None:
-                return  # stopped
-            msg, queue = item
-            if msg.channel is not self._ch or msg.channel.is_closed:
-                continue  # its channel is gone, so RabbitMQ has put it back
-            receipt = _Receipt(msg.channel, int(getattr(msg.delivery, "delivery_tag", 0)))
-            due = _not_before(msg)
-            if due is not None and due > time.time():
-                await self._park(msg, queue, due, receipt)
-                continue
-            exchange, key = msg.exchange or "", msg.routing_key or ""
-            self._held.add(receipt)
-            yield Delivery(_envelope(msg), queue, exchange, key,
-                           bool(getattr(msg.delivery, "redelivered", False)), receipt)
-
-    def _ended(self) -> None:
-        self._inbox.put_nowait(None)
-        self._room.set()
-
-    async def _park(self, msg: DeliveredMessage, queue: str, due: float,
-                    receipt: _Receipt) -> None:
-        """Early (a named exchange's delay, or one beyond the chain): back to the broker."""
-        try:
-            await self._t.publish(Outgoing(_envelope(msg), "", queue, not_before=due))
-        except TransportError as exc:
-            logger.error("could not park an early message from %r (%s); requeued", queue, exc)
-            await asyncio.sleep(1.0)
-            with suppress(*CONN_ERRORS):
-                await receipt.channel.basic_reject(receipt.delivery_tag, requeue=True)
-            return
-        with suppress(*CONN_ERRORS):
-            await receipt.channel.basic_ack(receipt.delivery_tag)
-
-    def _settle(self, delivery: Delivery) -> _Receipt | None:
-        receipt = delivery.tag
-        if not isinstance(receipt, _Receipt) or receipt not in self._held:
-            if isinstance(receipt, _Receipt) and receipt.channel is not self._ch:
-                logger.warning("%s: settling a delivery from a lost channel; RabbitMQ has "
-                               "returned it and will deliver it again", self.what)
-            return None
-        self._held.discard(receipt)
-        self._room.set()
-        return receipt
-
-    async def ack(self, delivery: Delivery) -> None:
-        receipt = self._settle(delivery)
-        if receipt is not None:
-            try:
-                await receipt.channel.basic_ack(receipt.delivery_tag)
-            except CONN_ERRORS as exc:
-                logger.warning("%s: ack lost with the connection (%s); the message will be "
-                               "delivered again", self.what, exc)
-
-    async def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
-        receipt = self._settle(delivery)
-        if receipt is None:
-            return
-        try:
-            if not requeue:
-                env = with_dead_reason(delivery.envelope, reason or "rejected")
-                await self._t.publish(Outgoing(env, "", dead_letter_name(delivery.queue)))
-                await receipt.channel.basic_ack(receipt.delivery_tag)
-            else:
-                await receipt.channel.basic_reject(receipt.delivery_tag, requeue=True)
-        except CONN_ERRORS as exc:
-            logger.warning("%s: reject lost with the connection (%s); the message will be "
-                           "delivered again", self.what, exc)
-
-    async def set_prefetch(self, count: int) -> None:
-        self._prefetch = max(0, count)
-        self._room.set()
-        ch = self._ch
-        if ch is None or ch.is_closed:
-            return  # applied when the channel is re-opened
-        try:
-            await ch.basic_qos(prefetch_count=self._prefetch)
-            for queue in list(self._queues):
-                old = self._tags.pop(queue.name, None)
-                if old is not None:
-                    await ch.basic_cancel(old)
-                await self._subscribe(ch, queue)
-        except CONN_ERRORS as exc:
-            logger.warning("%s: prefetch change interrupted (%s); applied on reconnect",
-                           self.what, exc)
-
-    async def add_queue(self, queue: QueueSpec) -> None:
-        if any(q.name == queue.name for q in self._queues):
-            return
-        self._queues.append(queue)
-        ch = self._ch
-        if ch is not None and not ch.is_closed:
-            await self._subscribe(ch, queue)
-        else:
-            await self._t.declare([queue])
-
-    async def cancel_queue(self, name: str) -> None:
-        self._queues = [q for q in self._queues if q.name != name]
-        tag = self._tags.pop(name, None)
-        ch = self._ch
-        if tag is not None and ch is not None and not ch.is_closed:
-            with suppress(*CONN_ERRORS):
-                await ch.basic_cancel(tag)
-
