@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start 2 (and what CI runs): lint, type-check and test, with a local Redis.
-# Starts redis-server on 127.0.0.1:6379 if nothing answers there. RabbitMQ is not needed
-# yet: no test uses it.
+# Starts redis-server on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 if nothing answers
+# there (the Redis and RabbitMQ tests use the real servers).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -58,6 +58,30 @@ else
         sleep 0.1
     done
     redis_up || die "redis-server did not answer within 10 s (see /var/log/redis/ci.log)"
+    echo "started"
+fi
+
+rabbit_up() {
+    { exec 4<>/dev/tcp/127.0.0.1/5672; } 2>/dev/null || return 1
+    printf 'AMQP\x00\x00\x09\x01' >&4
+    local reply=""
+    read -r -t 3 -n 4 reply <&4 || true
+    exec 4>&-
+    [[ "$reply" == "AMQP"* || -n "$reply" ]]
+}
+
+section "RabbitMQ on 127.0.0.1:5672"
+if rabbit_up; then
+    echo "already running"
+else
+    command -v rabbitmq-server >/dev/null 2>&1 \
+        || die "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed"
+    rabbitmq-server -detached
+    for _ in $(seq 1 120); do
+        rabbit_up && break
+        sleep 0.5
+    done
+    rabbit_up || die "RabbitMQ did not answer within 60 s"
     echo "started"
 fi
 
