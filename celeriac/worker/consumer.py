@@ -115,6 +115,7 @@ class MessageHandler:
         accept: frozenset[str],
         revoked: set[str],
         on_event: Callable[..., None] | None = None,
+        task_events: Callable[[], bool] | None = None,
     ) -> None:
         self.app = app
         self.conns = conns
@@ -128,7 +129,18 @@ class MessageHandler:
         self.buckets: dict[str, TokenBucket | None] = {}
         self.processed: dict[str, int] = {}
         self.on_event = on_event or (lambda *a, **kw: None)
-        self.disable_rate_limits = bool(app.conf.worker_disable_rate_limits)
+        # Whether task-* events are wanted now (they can be switched at run time); lets
+        # the per-task path skip building them.
+        self.task_events = task_events or (lambda: on_event is not None)
+        conf = app.conf
+        self.disable_rate_limits = bool(conf.worker_disable_rate_limits)
+        # Read once: each app.conf read walks three layers, and these were read per task.
+        self.time_limit = conf.task_time_limit
+        self.soft_time_limit = conf.task_soft_time_limit
+        self.acks_late = conf.task_acks_late
+        self.track_started = conf.task_track_started
+        self.result_ttl = app.result_ttl()
+        self.is_async: dict[str, bool] = {}  # task name -> async def (an inspect call each)
 
     # -- entry -------------------------------------------------------------------------
 
@@ -185,8 +197,7 @@ class MessageHandler:
         except InvalidTaskError as exc:
             await self._dead_letter(delivery, f"Invalid task message {task_id}: {exc}", acked=False)
             return
-        now = dt.datetime.now(dt.UTC)
-        if task_id in self.revoked or (expires is not None and expires < now):
+        if task_id in self.revoked or (expires is not None and expires < dt.datetime.now(dt.UTC)):
             why = "revoked" if task_id in self.revoked else "expired"
             logger.info("Discarding %s task: %s[%s]", why, name, task_id)
             self.on_event(
@@ -215,16 +226,15 @@ class MessageHandler:
             await self.consumer.ack(delivery)
             return
         limits = h.get("timelimit") or (None, None)
-        hard = (
-            limits[0]
-            if limits[0] is not None
-            else (task.time_limit or self.app.conf.task_time_limit)
-        )
+        hard = limits[0] if limits[0] is not None else (task.time_limit or self.time_limit)
         soft = (
             limits[1]
             if len(limits) > 1 and limits[1] is not None
-            else (task.soft_time_limit or self.app.conf.task_soft_time_limit)
+            else (task.soft_time_limit or self.soft_time_limit)
         )
+        is_async = self.is_async.get(name)
+        if is_async is None:
+            is_async = self.is_async[name] = task.is_async
         job = Job(
             task_id=task_id,
             name=name,
@@ -241,34 +251,38 @@ class MessageHandler:
             hostname=self.hostname,
             soft_time_limit=soft,
             time_limit=hard,
-            is_async=task.is_async,
+            is_async=is_async,
         )
         info = RequestInfo(delivery, job)
         self.reserved[task_id] = info
         logger.info("Task %s[%s] received", name, task_id)
         if signals.task_received:
             signals.task_received.send(self, request=job)
-        self.on_event(
-            "task-received",
-            uuid=task_id,
-            name=name,
-            args=h.get("argsrepr"),
-            kwargs=h.get("kwargsrepr"),
-            root_id=h.get("root_id"),
-            parent_id=h.get("parent_id"),
-            retries=h.get("retries"),
-            eta=h.get("eta"),
-            expires=h.get("expires"),
-        )
+        events = self.task_events()
+        if events:
+            self.on_event(
+                "task-received",
+                uuid=task_id,
+                name=name,
+                args=h.get("argsrepr"),
+                kwargs=h.get("kwargsrepr"),
+                root_id=h.get("root_id"),
+                parent_id=h.get("parent_id"),
+                retries=h.get("retries"),
+                eta=h.get("eta"),
+                expires=h.get("expires"),
+            )
         try:
-            await self._rate_gate(name, task.rate_limit)
-            late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
+            bucket = self._bucket(name, task.rate_limit)
+            if bucket is not None:
+                await bucket.wait()
+            late = task.acks_late if task.acks_late is not None else self.acks_late
             if not late:
                 await self.consumer.ack(delivery)
                 info.acknowledged = True
             track = task.track_started
             if track is None:
-                track = self.app.conf.task_track_started
+                track = self.track_started
             if track:
                 await self._store(
                     ResultMeta(
@@ -281,22 +295,23 @@ class MessageHandler:
                 self.reserved.pop(task_id, None)
                 self.active[task_id] = info
                 info.time_start = time.time()
-                self.on_event("task-started", uuid=task_id)
+                if events:
+                    self.on_event("task-started", uuid=task_id)
                 outcome = await self.pool.run(job)
         finally:
             self.reserved.pop(task_id, None)
             self.active.pop(task_id, None)
         await self.settle(delivery, info, outcome, late)
 
-    async def _rate_gate(self, name: str, rate: Any) -> None:
+    def _bucket(self, name: str, rate: Any) -> TokenBucket | None:
         if self.disable_rate_limits:
-            return
-        if name not in self.buckets:
+            return None
+        try:
+            return self.buckets[name]
+        except KeyError:
             per_sec = parse_rate(rate)
-            self.buckets[name] = TokenBucket(per_sec) if per_sec else None
-        bucket = self.buckets[name]
-        if bucket is not None:
-            await bucket.wait()
+            bucket = self.buckets[name] = TokenBucket(per_sec) if per_sec else None
+            return bucket
 
     def set_rate_limit(self, name: str, rate: Any) -> None:
         per_sec = parse_rate(rate)
@@ -304,7 +319,7 @@ class MessageHandler:
 
     async def _store(self, meta: ResultMeta) -> None:
         if self.conns.backend.persistent:
-            await self.conns.backend.store(meta, ttl=self.app.result_ttl())
+            await self.conns.backend.store(meta, ttl=self.result_ttl)
 
     # -- settle ------------------------------------------------------------------------
 
@@ -312,7 +327,7 @@ class MessageHandler:
         self, delivery: Delivery, info: RequestInfo, outcome: Outcome, late: bool
     ) -> None:
         job = info.job
-        backend, ttl = self.conns.backend, self.app.result_ttl()
+        backend, ttl = self.conns.backend, self.result_ttl
         self.processed[job.name] = self.processed.get(job.name, 0) + 1
         if outcome.state == states.REVOKED:
             logger.info("Discarding revoked task: %s[%s]", job.name, job.task_id)
@@ -358,7 +373,7 @@ class MessageHandler:
         join = outcome.chord
         assert join is not None
         backend = self.conns.backend
-        ttl = self.app.result_ttl()
+        ttl = self.result_ttl
         if join.size <= 0:
             # No chord_size in the body: a Celery client sent it (Celery keeps the size in
             # its backend and saves no group to list members by), so it cannot be joined
@@ -414,12 +429,13 @@ class MessageHandler:
                 outcome.runtime,
                 outcome.retval_repr,
             )
-            self.on_event(
-                "task-succeeded",
-                uuid=job.task_id,
-                result=outcome.retval_repr,
-                runtime=outcome.runtime,
-            )
+            if self.task_events():
+                self.on_event(
+                    "task-succeeded",
+                    uuid=job.task_id,
+                    result=outcome.retval_repr,
+                    runtime=outcome.runtime,
+                )
         elif state == states.FAILURE:
             logger.error(
                 "Task %s[%s] raised unexpected: %s\n%s",

@@ -34,6 +34,7 @@ from ..protocol import decode_body, saferepr
 from ..result import exception_to_dict
 from ..serialization import codec
 from ..task import Context, Task, pop, push
+from ..transport.base import Envelope
 from .pools.base import ChordJoin, Job, Outcome
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Tracer:
         self.hostname = hostname
         self.accept = accept
         self._result_codec = codec(app.conf.result_serializer)
+        self._async: dict[str, bool] = {}  # task name -> async def (an inspect call each)
 
     # -- entry points (the pools' Runner protocol) ----------------------------------
 
@@ -70,7 +72,10 @@ class Tracer:
         retval: Any = None
         try:
             try:
-                if task.is_async:
+                is_async = self._async.get(task.name)
+                if is_async is None:
+                    is_async = self._async[task.name] = task.is_async
+                if is_async:
                     retval = self.app.portal.run(self._call_async(task, args, kwargs, job))
                 else:
                     retval = task.run(*args, **kwargs)
@@ -268,21 +273,22 @@ class Tracer:
             retval_repr=saferepr(retval),
             worker_pid=os.getpid(),
         )
-        try:
-            with self.app.collecting() as sent:
-                for cb in ctx.callbacks or ():
-                    sig = signature(cb, app=self.app)
-                    sig.apply_async(() if sig.immutable else (retval,))
-                if ctx.chain:
-                    rest = list(ctx.chain)
-                    nxt = signature(rest.pop(), app=self.app)
-                    nxt.apply_async(() if nxt.immutable else (retval,), chain=rest or None)
-        except Exception as exc:
-            logger.exception(
-                "Task %s[%s] succeeded but its follow-ups failed", job.name, job.task_id
-            )
-            return self._failed(job, task, ctx, exc, start)
-        out.follow_ups = [o for o, _ in sent]
+        if ctx.callbacks or ctx.chain:  # else skip the collecting() context per task
+            try:
+                with self.app.collecting() as sent:
+                    for cb in ctx.callbacks or ():
+                        sig = signature(cb, app=self.app)
+                        sig.apply_async(() if sig.immutable else (retval,))
+                    if ctx.chain:
+                        rest = list(ctx.chain)
+                        nxt = signature(rest.pop(), app=self.app)
+                        nxt.apply_async(() if nxt.immutable else (retval,), chain=rest or None)
+            except Exception as exc:
+                logger.exception(
+                    "Task %s[%s] succeeded but its follow-ups failed", job.name, job.task_id
+                )
+                return self._failed(job, task, ctx, exc, start)
+            out.follow_ups = [o for o, _ in sent]
         out.chord = self._chord(ctx, failed=False)
         return out
 
@@ -423,9 +429,7 @@ def _postrun(
         )
 
 
-def _envelope(job: Job) -> Any:
-    from ..transport.base import Envelope
-
+def _envelope(job: Job) -> Envelope:
     return Envelope(job.body, job.headers, job.content_type, job.content_encoding)
 
 

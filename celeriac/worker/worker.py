@@ -254,6 +254,7 @@ class WorkController:
                     self.accept,
                     self.revoked,
                     on_event=self.dispatcher.send,
+                    task_events=self._task_events,
                 )
                 try:
                     await self._serve(consumer)
@@ -341,6 +342,10 @@ class WorkController:
             keepalive=float(os.environ.get("AUTOSCALE_KEEPALIVE", 30.0)),
         )
         return asyncio.create_task(self.autoscaler.run(self._stop))
+
+    def _task_events(self) -> bool:
+        dispatcher = self.dispatcher
+        return dispatcher is not None and dispatcher.enabled and dispatcher.task_events
 
     def _heart_info(self) -> dict[str, int]:
         handler = self.handler
