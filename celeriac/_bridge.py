@@ -2,8 +2,10 @@
 
 A thread with no running loop runs the coroutine on a loop it owns (made on first use,
 kept for the thread's life), so ``task.delay()`` from a plain thread pays no thread
-hop. A worker lends its loop with :meth:`Portal.adopt`; the worker's pool threads then
-send coroutines to it, sharing the worker's connections. A thread that already runs a
+hop. Such a loop only runs inside calls, so whatever it has written without waiting for
+a reply (see :meth:`Portal.flush_before_close`) is flushed before it closes at exit. A
+worker lends its loop with :meth:`Portal.adopt`; the worker's pool threads then send
+coroutines to it, sharing the worker's connections. A thread that already runs a
 loop (an ``async def`` task calling sync ``.delay()``) cannot block on it, so it hops to
 a private fallback loop thread. After fork, everything inherited is dropped unclosed:
 closing would end the parent's sessions.
@@ -20,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable, Coroutine
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -32,8 +34,24 @@ class _ThreadLoop(threading.local):
     loop: asyncio.AbstractEventLoop | None = None
 
 
+class Flushable(Protocol):
+    async def flush(self) -> None: ...
+
+
+#: Per thread loop: what must be flushed before it closes (writes not yet confirmed).
+_flush: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+FLUSH_TIMEOUT = 10.0
+
+
 def _close_loop(loop: asyncio.AbstractEventLoop, pid: int) -> None:
     if pid == os.getpid() and not loop.is_closed() and not loop.is_running():
+        for obj in list(_flush.pop(loop, ())):
+            try:
+                loop.run_until_complete(asyncio.wait_for(obj.flush(), FLUSH_TIMEOUT))
+            except Exception as exc:  # at exit there is no caller left to raise to
+                logger.error("could not flush %r before exit: %s", obj, exc)
         with contextlib.suppress(Exception):  # best effort at thread exit
             loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -87,6 +105,11 @@ class Portal:
 
     def thread_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._local.loop
+
+    @staticmethod
+    def flush_before_close(loop: asyncio.AbstractEventLoop, obj: Flushable) -> None:
+        """``await obj.flush()`` on ``loop`` before it is closed at exit (held weakly)."""
+        _flush.setdefault(loop, weakref.WeakSet()).add(obj)
 
     @staticmethod
     def _hop(

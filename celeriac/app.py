@@ -434,16 +434,10 @@ class Celery:
         **options: Any,
     ) -> Any:
         """Send a task by name; returns its AsyncResult (no I/O when inside ``batch()``)."""
-        from .result import AsyncResult
-
-        task = options.pop("_task", None)
-        out, spec, task_id = self.prepare_message(name, args, kwargs, task, **options)
-        collected = _collector.get()
-        if collected is not None:
-            collected.append((out, spec))
-        else:
-            self.portal.run(self._apublish([(out, spec)]))
-        return AsyncResult(task_id, app=self, task_name=name)
+        item, result = self._stage(name, args, kwargs, options)
+        if item is not None:
+            self.portal.run(self._apublish([item]))
+        return result
 
     async def asend_task(
         self,
@@ -452,16 +446,29 @@ class Celery:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Any:
+        item, result = self._stage(name, args, kwargs, options)
+        if item is not None:
+            await self._apublish([item])
+        return result
+
+    def _stage(
+        self, name: str, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> tuple[tuple[Outgoing, QueueSpec] | None, Any]:
+        """Build the message in the caller's context (its current task and collector).
+
+        Returns the message to publish now, or None when a ``batch()``/worker collector
+        took it.
+        """
         from .result import AsyncResult
 
         task = options.pop("_task", None)
         out, spec, task_id = self.prepare_message(name, args, kwargs, task, **options)
+        result = AsyncResult(task_id, app=self, task_name=name)
         collected = _collector.get()
         if collected is not None:
             collected.append((out, spec))
-        else:
-            await self._apublish([(out, spec)])
-        return AsyncResult(task_id, app=self, task_name=name)
+            return None, result
+        return (out, spec), result
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[list[tuple[Outgoing, QueueSpec | None]]]:

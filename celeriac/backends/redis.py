@@ -18,10 +18,11 @@ key                                    type  content
                                              only when it exists; ours do not read it)
 =====================================  ====  ================================================
 
-``wait`` is woken by those PUBLISHes: one shared pub/sub connection per backend instance
-subscribes to the channels of the keys being waited on; the base class re-reads on every
-hint. Each new subscription yields one hint once Redis has confirmed it, so a result
-stored between the base class's first read and the subscription is never missed.
+``wait`` is fed by those PUBLISHes: one shared pub/sub connection per backend instance
+subscribes to the channels of the keys being waited on. Only once Redis has confirmed
+the subscription are the keys read (MGET), so a result stored in between is never
+missed; after that each result arrives in its PUBLISH, which carries the document, so
+it costs no read.
 Celery's own chord join on Redis uses ``.j`` as a zset of encoded results scored by group
 index; the two formats do not mix, so one chord must be run by one kind of worker: a
 chord sent by celeriac runs on Celery workers (they find ``.s`` and the saved group), but
@@ -32,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -44,7 +46,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from ..exceptions import BackendError
-from .base import GROUP_PREFIX, KeyValueBackend
+from .base import GROUP_PREFIX, TASK_PREFIX, KeyValueBackend, ResultMeta
 
 __all__ = ["RedisBackend"]
 
@@ -172,10 +174,53 @@ class RedisBackend(KeyValueBackend):
         await super().forget_group(group_id)
         await self._delete(GROUP_PREFIX + group_id + SIZE_SUFFIX)
 
-    def _changes(self, keys: Sequence[str]) -> AsyncIterator[str]:
+    async def wait(
+        self, task_ids: Sequence[str], *, timeout: float | None
+    ) -> AsyncGenerator[ResultMeta, None]:
+        """Subscribe, then read what is stored, then take results from the PUBLISHes.
+
+        A PUBLISH carries the stored document (``_STORE``), so a result that arrives
+        costs no read; a hint without one (after a resubscribe) is read with GET. A
+        second read of everything still pending every second covers a lost message.
+        """
+        pending = {TASK_PREFIX + t: t for t in dict.fromkeys(task_ids)}
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._hub is None:
             self._hub = _Hub(self.client)
-        return self._hub.watch(list(dict.fromkeys(keys)))
+        async with self._hub.watch(list(pending)) as inbox:
+            reread = True
+            while pending:
+                if reread:
+                    found = await self.get_many(list(pending.values()))
+                    for key, tid in list(pending.items()):
+                        meta = found.get(tid)
+                        if meta is not None and meta.ready:
+                            del pending[key]
+                            yield meta
+                    if not pending:
+                        return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{len(pending)} result(s) not ready in time")
+                try:
+                    async with asyncio.timeout(1.0 if left is None else min(left, 1.0)):
+                        key, data = await inbox.get()
+                except TimeoutError:
+                    reread = True
+                    continue
+                reread = False
+                waited = pending.get(key)
+                if waited is None:
+                    continue
+                meta = None
+                if data is not None:
+                    with suppress(Exception):  # not a meta document: read it instead
+                        meta = self._meta(waited, data)
+                if meta is None:
+                    meta = await self.get(waited)
+                if meta is not None and meta.ready:
+                    del pending[key]
+                    yield meta
 
 
 class _Hub:
@@ -184,13 +229,17 @@ class _Hub:
     def __init__(self, client: Redis) -> None:
         self.client = client
         self.ps: PubSub | None = None
-        self.watchers: dict[str, set[asyncio.Queue[str]]] = {}
+        self.watchers: dict[str, set[asyncio.Queue[tuple[str, bytes | None]]]] = {}
         self.confirming: dict[str, list[asyncio.Future[None]]] = {}
         self.reader: asyncio.Task[None] | None = None
 
-    async def watch(self, keys: list[str]) -> AsyncIterator[str]:
-        """Yield a key whenever it may have changed, starting once the subscription holds."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
+    @asynccontextmanager
+    async def watch(
+        self, keys: list[str]
+    ) -> AsyncIterator[asyncio.Queue[tuple[str, bytes | None]]]:
+        """A queue of ``(key, published data)``, once the subscriptions hold; ``data`` is
+        None for a hint that the key may have changed."""
+        queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
         new = [k for k in keys if k not in self.watchers]
         for k in keys:
             self.watchers.setdefault(k, set()).add(queue)
@@ -200,9 +249,7 @@ class _Hub:
                 await self._subscribe(new)
             if others:
                 await asyncio.wait(others, timeout=5.0)
-            yield keys[0]  # subscribed now: the caller re-reads once
-            while True:
-                yield await queue.get()
+            yield queue
         finally:
             gone = []
             for k in keys:
@@ -215,7 +262,6 @@ class _Hub:
             if gone and self.ps is not None:
                 with suppress(*CONN_ERRORS):
                     await self.ps.unsubscribe(*gone)
-
     async def _subscribe(self, channels: list[str]) -> None:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in channels]
@@ -259,8 +305,9 @@ class _Hub:
                 continue
             channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else ""
             if msg["type"] == "message":
+                data = msg["data"] if isinstance(msg["data"], bytes) else None
                 for q in self.watchers.get(channel, ()):
-                    q.put_nowait(channel)
+                    q.put_nowait((channel, data))
             elif msg["type"] == "subscribe":
                 for fut in self.confirming.pop(channel, []):
                     if not fut.done():
@@ -284,7 +331,7 @@ class _Hub:
         self.ps = ps
         for k, qs in self.watchers.items():
             for q in qs:
-                q.put_nowait(k)
+                q.put_nowait((k, None))
 
     async def close(self) -> None:
         if self.reader is not None:

@@ -33,7 +33,7 @@ process's write lock, so each attempt waits at most ``ATTEMPT_WAIT`` (5 ms) insi
 SQLite and longer waits are retried with ``await asyncio.sleep`` backoff, until
 ``busy_timeout``. Writes are single statements or ``BEGIN IMMEDIATE`` transactions,
 so a busy attempt has changed nothing and is safe to repeat. Opening the file (WAL
-switch, schema) blocks once per instance and process.
+switch, schema) is retried the same way.
 """
 
 from __future__ import annotations
@@ -141,26 +141,40 @@ class SQLiteBackend(KeyValueBackend):
     # -- connection ---------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._db()
+        await self._db()
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and self._pid == os.getpid():
             conn.close()
 
-    def _db(self) -> sqlite3.Connection:
-        """The connection, opened on first use in this process (blocking, once)."""
+    async def _db(self) -> sqlite3.Connection:
+        """The connection, opened on first use in this process.
+
+        Concurrent first opens of a new file can get SQLITE_BUSY at once (switching it
+        to WAL needs an exclusive lock), so opening retries like any other call.
+        """
         if self._pid != os.getpid():  # forked: never touch the parent's connection
             if self._conn is not None:
                 _inherited.append(self._conn)
             self._conn, self._pid = None, os.getpid()
-        if self._conn is None:
+        deadline, delay = time.monotonic() + self.busy_timeout, 0.001
+        while self._conn is None:
             try:
-                self._conn = self._open()
+                conn = self._open()
             except sqlite3.Error as exc:
-                raise BackendError(
-                    f"cannot open SQLite result backend {self.path!r}: {exc}"
-                ) from exc
+                if not (isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)) or (
+                    time.monotonic() > deadline
+                ):
+                    msg = f"cannot open SQLite result backend {self.path!r}: {exc}"
+                    raise BackendError(msg) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            if self._conn is None:  # another call on this loop may have opened it meanwhile
+                self._conn = conn
+            else:
+                conn.close()
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
@@ -168,14 +182,13 @@ class SQLiteBackend(KeyValueBackend):
         if directory:
             os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            self.path, timeout=ATTEMPT_WAIT, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(ATTEMPT_WAIT * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA busy_timeout = {int(ATTEMPT_WAIT * 1000)}")
         except BaseException:
             conn.close()
             raise
@@ -184,7 +197,7 @@ class SQLiteBackend(KeyValueBackend):
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, txn: bool = False) -> T:
         """Run ``fn(conn)`` inline, sleeping without blocking the loop while the file is
         locked; sqlite3 errors become BackendError. ``fn`` never awaits."""
-        conn, delay = self._db(), 0.001
+        conn, delay = await self._db(), 0.001
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:

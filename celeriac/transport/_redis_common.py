@@ -5,20 +5,27 @@ The key layout itself is described in ``celeriac/transport/redis.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import logging
 import re
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from ..exceptions import ImproperlyConfigured
-from .base import (
-    clamp_priority,
-)
+from .base import TransportError, clamp_priority
+
+logger = logging.getLogger("celeriac.transport.redis")
 
 SEP = "\x06\x16"
 STEPS = ("9", "6", "3", "0")  # our pop order: higher priority first
@@ -228,3 +235,187 @@ async def _subscribed(client: Redis, channels: list[str]) -> PubSub:
 
 async def _close(ps: PubSub) -> None:
     await ps.aclose()  # type: ignore[no-untyped-call]
+
+
+# -- the producer connection ------------------------------------------------------------
+
+
+def resp(*args: bytes | str | int) -> bytes:
+    """One command in RESP, ready to write (redis-py's packer costs more than the I/O)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+@dataclass(slots=True, eq=False)
+class _Sent:
+    """One command written to the producer connection whose reply has not been read."""
+
+    command: bytes
+    what: str  # for errors: the task ids it carries; "" for our own SCRIPT LOAD
+    future: asyncio.Future[None] | None = None  # None: nobody waits (see Publisher.send)
+
+
+class Publisher:
+    """A dedicated, pipelined connection for the publish script.
+
+    Commands are written as soon as they are made and replies are read in order, so
+    concurrent publishers share one socket without taking turns, and a caller that does
+    not wait (``wait=False``) pays no round trip. A lost connection is reopened (redis-py
+    retries the connect) and every command still without a reply is written again: at
+    least once, like redis-py's retry. A NOSCRIPT reply (script cache flushed) reloads
+    the script and resends that command, which did not run. One coroutine reads at a
+    time; writers never wait for it.
+    """
+
+    #: Commands without a reply before a non-waiting send waits for the oldest.
+    WINDOW = 1000
+    #: Reconnects in a row that bring no reply before everything pending fails.
+    ATTEMPTS = 3
+
+    def __init__(self, client: Redis, script: str) -> None:
+        self._client = client
+        self._script = script.encode()
+        self.sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._conn: AbstractConnection | None = None
+        self._pending: deque[_Sent] = deque()
+        self._reading: asyncio.Lock | None = None
+        self._lost: list[str] = []  # failures nobody waited for: the next send raises
+
+    def evalsha(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> bytes:
+        return resp(b"EVALSHA", self.sha, len(keys), *keys, *args)
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._pending)
+
+    def _healthy(self) -> AbstractConnection | None:
+        conn = self._conn
+        return conn if conn is not None and conn.is_connected else None
+
+    async def send(self, commands: Sequence[tuple[bytes, str]], *, wait: bool) -> None:
+        """Write ``(command, what)`` pairs. With ``wait``, return once Redis ran them all
+        (raising the first error); without, return at once, reading only the replies
+        already here (or waiting for old ones while :attr:`WINDOW` is full)."""
+        self._raise_lost("earlier publishes that did not wait for Redis failed")
+        loop = asyncio.get_running_loop()
+        sent = [_Sent(c, w, loop.create_future() if wait else None) for c, w in commands]
+        self._pending.extend(sent)
+        conn = self._healthy()
+        if conn is not None:
+            try:  # nothing is awaited before the bytes are written, so order holds
+                await conn.send_packed_command([s.command for s in sent], check_health=False)
+            except CONN_ERRORS:
+                await conn.disconnect(nowait=True)  # the next read reconnects and resends
+        if wait:
+            last = sent[-1]
+            await self._read(lambda: last not in self._pending, block=True)
+            for s in sent:
+                assert s.future is not None
+                s.future.result()
+        elif self._healthy() is None or len(self._pending) > self.WINDOW:
+            await self._read(lambda: len(self._pending) <= self.WINDOW // 2, block=True)
+        else:
+            await self._read(lambda: False, block=False)
+
+    async def flush(self) -> None:
+        """Wait until every command written so far has its reply."""
+        await self._read(lambda: not self._pending, block=True)
+        self._raise_lost("publishes failed")
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    def _raise_lost(self, what: str) -> None:
+        if self._lost:
+            lost, self._lost = self._lost, []
+            raise TransportError(f"{what}: " + "; ".join(lost))
+
+    async def _read(self, done: Any, *, block: bool) -> None:
+        """Read replies until ``done()``; ``block=False`` stops at the first one not here.
+        A broken connection is reopened first, whatever ``done`` says."""
+        if self._reading is None:
+            self._reading = asyncio.Lock()
+        async with self._reading:
+            attempts = 0
+            while self._pending:
+                conn = self._healthy()
+                if conn is None:
+                    attempts += 1
+                    try:
+                        conn = await self._reconnect()
+                    except CONN_ERRORS as exc:
+                        if attempts < self.ATTEMPTS:
+                            continue
+                        self._give_up(exc)
+                        return
+                if done():
+                    return
+                try:
+                    if not block and not await conn.can_read():
+                        return
+                    error: BaseException | None = None
+                    try:
+                        # Not disconnect_on_error: a cancelled read leaves the replies
+                        # coming; dropping the connection would resend commands that ran.
+                        await conn.read_response(disable_decoding=True, disconnect_on_error=False)
+                    except rexc.ResponseError as exc:
+                        error = exc
+                except CONN_ERRORS:
+                    await conn.disconnect(nowait=True)
+                    continue
+                attempts = 0
+                sent = self._pending.popleft()
+                if error is not None and str(error).startswith("NOSCRIPT"):
+                    again = [_Sent(resp(b"SCRIPT", b"LOAD", self._script), ""), sent]
+                    self._pending.extend(again)
+                    with contextlib.suppress(*CONN_ERRORS):
+                        await conn.send_packed_command(
+                            [s.command for s in again], check_health=False
+                        )
+                elif sent.what:
+                    why = None if error is None else f"Redis refused {sent.what}: {error}"
+                    self._finish(sent, why)
+
+    def _finish(self, sent: _Sent, message: str | None) -> None:
+        error = None if message is None else TransportError(message)
+        if sent.future is None:
+            if error is not None:
+                logger.error("%s", error)
+                self._lost.append(str(error))
+        elif not sent.future.done():
+            if error is None:
+                sent.future.set_result(None)
+            else:
+                sent.future.set_exception(error)
+
+    async def _reconnect(self) -> AbstractConnection:
+        """A new connection with the script loaded and every command still without a
+        reply written again, in order."""
+        old, self._conn = self._conn, None
+        if old is not None:
+            await old.disconnect(nowait=True)
+        pool = self._client.connection_pool
+        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        load = _Sent(resp(b"SCRIPT", b"LOAD", self._script), "")
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            self._pending.appendleft(load)
+            await conn.send_packed_command([s.command for s in self._pending], check_health=False)
+        except BaseException:
+            if self._pending and self._pending[0] is load:
+                self._pending.popleft()
+            await conn.disconnect(nowait=True)
+            raise
+        self._conn = conn
+        return conn
+
+    def _give_up(self, exc: BaseException) -> None:
+        while self._pending:
+            sent = self._pending.popleft()
+            if sent.what:
+                self._finish(sent, f"cannot publish {sent.what}: Redis is unreachable ({exc})")

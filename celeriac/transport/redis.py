@@ -75,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any, ClassVar
@@ -84,6 +85,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 
+from .._bridge import portal
 from . import _bindings
 from ._redis_common import (
     _BEAT,
@@ -103,6 +105,7 @@ from ._redis_common import (
     LOCK,
     SEP,
     STEPS,
+    Publisher,
     _client,
     _close,
     _redis_url,
@@ -127,6 +130,10 @@ __all__ = ["RedisConsumer", "RedisTransport"]
 logger = logging.getLogger(__name__)
 
 
+def _what(ids: list[str]) -> str:
+    return f"task {ids[0]}" if len(ids) == 1 else f"{len(ids)} tasks ({ids[0]}, ...)"
+
+
 class RedisTransport(Transport):
     """Queues as kombu's Redis lists; leases, delays and wake-ups in Lua."""
 
@@ -140,7 +147,10 @@ class RedisTransport(Transport):
         _redis_url(url)  # fail on sentinel now, not at first use
         self.lease_timeout = float(self.options.get("lease_timeout", 15.0))
         self.binding_ttl = float(self.options.get("binding_cache_ttl", 1.0))
+        self.confirm_publish = bool(self.options.get("confirm_publish", False))
         self._client_: Redis | None = None
+        self._publisher: Publisher | None = None
+        self._flush_at_exit: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._scripts: dict[str, AsyncScript] = {}
         self._bindings: dict[str, tuple[float, list[_bindings.Binding]]] = {}
 
@@ -151,7 +161,6 @@ class RedisTransport(Transport):
         if self._client_ is None:
             self._client_ = _client(self.url, None, 3, self.options)
             for name, body in (
-                ("publish", _PUBLISH),
                 ("fetch", _FETCH),
                 ("settle", _SETTLE),
                 ("release", _RELEASE),
@@ -161,6 +170,12 @@ class RedisTransport(Transport):
                 self._scripts[name] = self._client_.register_script(_LUA_LIB + body)
             self._scripts["lock"] = self._client_.register_script(_LOCK)
         return self._client_
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self.client, _LUA_LIB + _PUBLISH)
+        return self._publisher
 
     def script(self, name: str) -> AsyncScript:
         _ = self.client
@@ -173,6 +188,15 @@ class RedisTransport(Transport):
             raise TransportError(f"cannot reach Redis at {self.describe()}: {exc}") from exc
 
     async def close(self) -> None:
+        """Wait for the replies of publishes that did not wait (see the module docstring)."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            try:
+                await publisher.flush()
+            except TransportError as exc:
+                logger.error("%s", exc)
+            finally:
+                await publisher.close()
         if self._client_ is not None:
             client, self._client_ = self._client_, None
             with suppress(rexc.RedisError, OSError):
@@ -241,14 +265,17 @@ class RedisTransport(Transport):
         async with self._errors("publish"):
             routes = await self._route(items)
             now = time.time()
-            calls: list[tuple[list[str], list[Any]]] = []
+            publisher = self.publisher
+            calls: list[tuple[bytes, str]] = []
             keys: list[str] = []
             ready: list[Any] = []
             delayed: list[Any] = []
             wake: set[str] = set()
+            ids: list[str] = []
             for item, names in zip(items, routes, strict=True):
                 env, step = item.envelope, bucket(item.envelope.priority)
                 payload = pack(env, item.exchange, item.routing_key)
+                ids.append(str(env.headers.get("id") or env.correlation_id))
                 for q in names:
                     if item.not_before is not None and item.not_before > now:
                         delayed += (q, repr(item.not_before), f"{step}:".encode() + payload)
@@ -257,18 +284,25 @@ class RedisTransport(Transport):
                         ready.append(payload)
                         wake.add(q)
                 if len(keys) + len(delayed) // 3 >= CHUNK:
-                    calls.append((keys, [len(keys), len(delayed) // 3, *ready, *delayed, *wake]))
-                    keys, ready, delayed, wake = [], [], [], set()
+                    args = [len(keys), len(delayed) // 3, *ready, *delayed, *wake]
+                    calls.append((publisher.evalsha(keys, args), _what(ids)))
+                    keys, ready, delayed, wake, ids = [], [], [], set(), []
             if keys or delayed:
-                calls.append((keys, [len(keys), len(delayed) // 3, *ready, *delayed, *wake]))
-            publish = self.script("publish")
-            if len(calls) == 1:
-                await publish(keys=calls[0][0], args=calls[0][1])
-                return
-            async with self.client.pipeline(transaction=False) as pipe:
-                for k, a in calls:
-                    await publish(keys=k, args=a, client=pipe)
-                await pipe.execute()
+                args = [len(keys), len(delayed) // 3, *ready, *delayed, *wake]
+                calls.append((publisher.evalsha(keys, args), _what(ids)))
+            await publisher.send(calls, wait=self._must_wait())
+
+    def _must_wait(self) -> bool:
+        """Sync callers on their own loop do not wait for the reply (module docstring)."""
+        if self.confirm_publish:
+            return True
+        loop = asyncio.get_running_loop()
+        if loop is not portal.thread_loop():
+            return True
+        if loop not in self._flush_at_exit:
+            self._flush_at_exit.add(loop)
+            portal.flush_before_close(loop, self.publisher)
+        return False
 
     async def size(self, queue: str) -> int:
         async with self._errors("size"), self.client.pipeline(transaction=False) as pipe:

@@ -277,19 +277,30 @@ class SQLiteTransport(Transport):
         WAL switch and schema creation simple."""
         if self._conn is not None:
             return self._conn
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode[0]).lower() != "wal":
-                logger.warning("SQLite broker %s cannot use WAL (%s)", self.path, mode[0])
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        except sqlite3.Error as exc:
-            raise TransportError(f"cannot open SQLite broker {self.path!r}: {exc}") from exc
-        self._conn = conn
-        return conn
+        deadline, delay = time.monotonic() + self.lock_timeout, POLL_MIN
+        while self._conn is None:
+            conn = None
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if str(mode[0]).lower() != "wal":
+                    logger.warning("SQLite broker %s cannot use WAL (%s)", self.path, mode[0])
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(SCHEMA)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                # Concurrent first opens of a new file can get SQLITE_BUSY at once
+                # (the WAL switch needs an exclusive lock): retry those.
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise TransportError(f"cannot open SQLite broker {self.path!r}: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            self._conn = conn
+        return self._conn
 
     async def _retry(self, fn: Callable[[Conn], T], *, txn: bool = True) -> T:
         """Run ``fn``, sleeping without blocking the loop while the file is busy.

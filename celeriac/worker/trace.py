@@ -17,6 +17,7 @@ import os
 import time
 import traceback as tb
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import signals, states
@@ -47,6 +48,19 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+@dataclass(slots=True)
+class _Call:
+    """One task call between ``_start`` and ``_finish``."""
+
+    job: Job
+    task: Task[..., Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    ctx: Context
+    token: Any
+    start: float
+
+
 class Tracer:
     """Runs jobs for one app; the same object is inherited by prefork children."""
 
@@ -60,40 +74,39 @@ class Tracer:
     # -- entry points (the pools' Runner protocol) ----------------------------------
 
     def execute(self, job: Job) -> Outcome:
-        start = time.monotonic()
-        prepared = self._prepare(job)
-        if isinstance(prepared, Outcome):
-            return prepared
-        task, args, kwargs, ctx = prepared
-        token = push(task, ctx)
-        if signals.task_prerun:
-            signals.task_prerun.send(task, task_id=job.task_id, task=task, args=args, kwargs=kwargs)
-        outcome: Outcome | None = None
-        retval: Any = None
+        call = self._start(job)
+        if isinstance(call, Outcome):
+            return call
+        task = call.task
         try:
-            try:
-                is_async = self._async.get(task.name)
-                if is_async is None:
-                    is_async = self._async[task.name] = task.is_async
-                if is_async:
-                    retval = self.app.portal.run(self._call_async(task, args, kwargs, job))
-                else:
-                    retval = task.run(*args, **kwargs)
-            except BaseException as exc:
-                exc = self._maybe_autoretry(task, exc)
-                outcome = self._failed(job, task, ctx, exc, start)
-                return outcome
-            outcome = self._succeeded(job, task, ctx, retval, start)
-            if signals.task_success and outcome.state == states.SUCCESS:
-                signals.task_success.send(task, result=retval)
-            return outcome
-        finally:
-            _postrun(task, job, args, kwargs, retval, outcome)
-            pop(token)
+            is_async = self._async.get(task.name)
+            if is_async is None:
+                is_async = self._async[task.name] = task.is_async
+            if is_async:
+                retval = self.app.portal.run(self._call_async(task, call.args, call.kwargs, job))
+            else:
+                retval = task.run(*call.args, **call.kwargs)
+        except BaseException as exc:
+            return self._finish(call, None, exc)
+        return self._finish(call, retval, None)
 
     async def aexecute(self, job: Job) -> Outcome:
         if not job.is_async:
             return await asyncio.to_thread(self.execute, job)
+        call = self._start(job)
+        if isinstance(call, Outcome):
+            return call
+        try:
+            retval = await self._call_async(call.task, call.args, call.kwargs, job)
+        except asyncio.CancelledError:
+            pop(call.token)
+            raise
+        except BaseException as exc:
+            return self._finish(call, None, exc)
+        return self._finish(call, retval, None)
+
+    def _start(self, job: Job) -> _Call | Outcome:
+        """Decode, push the request context and send task_prerun."""
         start = time.monotonic()
         prepared = self._prepare(job)
         if isinstance(prepared, Outcome):
@@ -102,24 +115,23 @@ class Tracer:
         token = push(task, ctx)
         if signals.task_prerun:
             signals.task_prerun.send(task, task_id=job.task_id, task=task, args=args, kwargs=kwargs)
+        return _Call(job, task, args, kwargs, ctx, token, start)
+
+    def _finish(self, call: _Call, retval: Any, exc: BaseException | None) -> Outcome:
+        """Classify the result while the context is still pushed (retry reads it), then pop."""
         outcome: Outcome | None = None
-        retval: Any = None
         try:
-            try:
-                retval = await self._call_async(task, args, kwargs, job)
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                exc = self._maybe_autoretry(task, exc)
-                outcome = self._failed(job, task, ctx, exc, start)
-                return outcome
-            outcome = self._succeeded(job, task, ctx, retval, start)
-            if signals.task_success and outcome.state == states.SUCCESS:
-                signals.task_success.send(task, result=retval)
+            if exc is not None:
+                exc = self._maybe_autoretry(call.task, exc)
+                outcome = self._failed(call.job, call.task, call.ctx, exc, call.start)
+            else:
+                outcome = self._succeeded(call.job, call.task, call.ctx, retval, call.start)
+                if signals.task_success and outcome.state == states.SUCCESS:
+                    signals.task_success.send(call.task, result=retval)
             return outcome
         finally:
-            _postrun(task, job, args, kwargs, retval, outcome)
-            pop(token)
+            _postrun(call.task, call.job, call.args, call.kwargs, retval, outcome)
+            pop(call.token)
 
     def lost(self, job: Job, exc: BaseException) -> Outcome:
         """The job's process died or hit its hard limit: record the failure."""
