@@ -331,23 +331,28 @@ def _app_of(sigs: Iterable[Any]) -> Celery | None:
 # -- chain ----------------------------------------------------------------------
 
 
-@_register("chain")
-class chain(Signature):
-    """Run tasks one after another, each result prepended to the next one's args."""
+class _TaskList(Signature):
+    """chain and group: children kept in ``kwargs['tasks']``; calling sends the workflow."""
+
+    _kind = ""
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], Mapping) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
         app = app or _app_of(tasks)
-        flat: list[Signature] = []
-        for t in _sigs(tasks, app):
-            if isinstance(t, chain) and not t.options:
-                flat.extend(t.tasks)
-            else:
-                flat.append(t)
+        children = self._flatten(_sigs(tasks, app))
         super().__init__(
-            "celery.chain", (), {"tasks": flat}, options, subtask_type="chain", app=app
+            f"celery.{self._kind}",
+            (),
+            {"tasks": children},
+            options,
+            subtask_type=self._kind,
+            app=app,
         )
+
+    @staticmethod
+    def _flatten(tasks: list[Signature]) -> list[Signature]:
+        return tasks
 
     @property
     def tasks(self) -> list[Signature]:
@@ -358,16 +363,11 @@ class chain(Signature):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> Signature:
         tasks = [signature(t, app=app) for t in (d.get("kwargs") or {}).get("tasks", [])]
-        sig = chain(*tasks, app=app, **dict(d.get("options") or {}))
+        sig = cls(*tasks, app=app, **dict(d.get("options") or {}))
         sig.immutable = bool(d.get("immutable"))
         if d.get("args"):
             sig.args = tuple(d["args"])
         return sig
-
-    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
-        if isinstance(other, Signature):
-            return chain(*self.tasks, other, app=self._app_ref, **self.options)
-        return NotImplemented
 
     def clone(
         self,
@@ -375,13 +375,36 @@ class chain(Signature):
         kwargs: Mapping[str, Any] | None = None,
         **opts: Any,
     ) -> Signature:
-        sig = chain(*[t.clone() for t in self.tasks], app=self._app_ref, **{**self.options, **opts})
+        merged = {**self.options, **opts}
+        sig = type(self)(*[t.clone() for t in self.tasks], app=self._app_ref, **merged)
         if args:
             sig.args = tuple(args) + self.args
         return sig
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
+
+
+@_register("chain")
+class chain(_TaskList):
+    """Run tasks one after another, each result prepended to the next one's args."""
+
+    _kind = "chain"
+
+    @staticmethod
+    def _flatten(tasks: list[Signature]) -> list[Signature]:
+        flat: list[Signature] = []
+        for t in tasks:
+            if isinstance(t, chain) and not t.options:
+                flat.extend(t.tasks)
+            else:
+                flat.append(t)
+        return flat
+
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
+        if isinstance(other, Signature):
+            return chain(*self.tasks, other, app=self._app_ref, **self.options)
+        return NotImplemented
 
     def _steps(self) -> list[Signature]:
         """Normalise: a group followed by a task becomes a chord (as in Celery)."""
@@ -476,45 +499,10 @@ class chain(Signature):
 
 
 @_register("group")
-class group(Signature):
+class group(_TaskList):
     """Run tasks in parallel; the GroupResult gives values back in call order."""
 
-    def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
-        if len(tasks) == 1 and not isinstance(tasks[0], Mapping) and isinstance(tasks[0], Iterable):
-            tasks = tuple(tasks[0])
-        app = app or _app_of(tasks)
-        super().__init__(
-            "celery.group", (), {"tasks": _sigs(tasks, app)}, options, subtask_type="group", app=app
-        )
-
-    @property
-    def tasks(self) -> list[Signature]:
-        tasks = [signature(t, app=self._app_ref) for t in self.kwargs.get("tasks", [])]
-        self.kwargs["tasks"] = tasks
-        return tasks
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> Signature:
-        tasks = [signature(t, app=app) for t in (d.get("kwargs") or {}).get("tasks", [])]
-        sig = group(*tasks, app=app, **dict(d.get("options") or {}))
-        sig.immutable = bool(d.get("immutable"))
-        if d.get("args"):
-            sig.args = tuple(d["args"])
-        return sig
-
-    def clone(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **opts: Any,
-    ) -> Signature:
-        sig = group(*[t.clone() for t in self.tasks], app=self._app_ref, **{**self.options, **opts})
-        if args:
-            sig.args = tuple(args) + self.args
-        return sig
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.apply_async(args, kwargs)
+    _kind = "group"
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, group):
