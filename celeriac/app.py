@@ -414,7 +414,7 @@ class Celery:
             chord=dict(options["chord"]) if options.get("chord") else None,
             ignore_result=bool(ignore),
             priority=priority,
-            reply_to=options.get("reply_to"),
+            reply_to=options.get("reply_to") or self._reply_to(parent),
             persistent=route.persistent,
             compression=options.get("compression")
             or (task and task.compression)
@@ -425,6 +425,16 @@ class Celery:
         not_before = eta.timestamp() if isinstance(eta, dt.datetime) and eta > now else None
         out = Outgoing(env, route.exchange, route.routing_key, not_before)
         return out, route.queue.to_spec(), task_id
+
+    def _reply_to(self, parent: Any) -> str | None:
+        """rpc://: replies go to the client that started the work (a chain keeps it)."""
+        if parent is not None and parent[1].reply_to:
+            return str(parent[1].reply_to)
+        if scheme_of(self.backend_url_resolved()) == "rpc":
+            from .backends.rpc import oid
+
+            return oid()
+        return None
 
     def send_task(
         self,
@@ -499,6 +509,9 @@ class Celery:
     async def _apublish(self, items: Sequence[tuple[Outgoing, QueueSpec | None]]) -> None:
         conns = await self.connection_for_current_loop()
         await self.declare_for(conns, [spec for _, spec in items])
+        listen = getattr(conns.backend, "listen", None)
+        if listen is not None:  # rpc://: subscribe to replies before anything is sent
+            await listen()
         hooks = bool(signals.before_task_publish or signals.after_task_publish)
         if hooks:
             _publish_signal(signals.before_task_publish, items)
@@ -536,6 +549,7 @@ class Celery:
                     transport = create_transport(self.broker_url_resolved(), opts)
                     bopts = dict(self.conf.result_backend_transport_options or {})
                     bopts.setdefault("serializer", self.conf.result_serializer)
+                    bopts["transport"] = transport  # rpc:// replies ride on the broker
                     backend = create_backend(self.backend_url_resolved(), bopts)
                     conns = Connections(transport, backend)
                     self._conns[loop] = conns

@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "rediss": "celeriac.backends.redis:RedisBackend",
     "redis+socket": "celeriac.backends.redis:RedisBackend",
     "disabled": "celeriac.backends.disabled:DisabledBackend",
+    "rpc": "celeriac.backends.rpc:RPCBackend",
 }
 
 

@@ -86,10 +86,15 @@ class ResultBackend:
     async def close(self) -> None:
         raise NotImplementedError
 
-    async def store(self, meta: ResultMeta, *, ttl: float | None) -> None:
+    async def store(
+        self, meta: ResultMeta, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
+        """Store ``meta``; ``reply_to`` is the sending client's address (used by rpc://)."""
         raise NotImplementedError
 
-    async def store_raw(self, task_id: str, data: bytes, *, ttl: float | None) -> None:
+    async def store_raw(
+        self, task_id: str, data: bytes, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
         """Store a meta document already encoded with this backend's serializer.
 
         Prefork children encode their results, so the parent never decodes user objects.
@@ -164,10 +169,14 @@ class KeyValueBackend(ResultBackend):
 
     # -- the contract, written once ----------------------------------------
 
-    async def store(self, meta: ResultMeta, *, ttl: float | None) -> None:
+    async def store(
+        self, meta: ResultMeta, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
         await self.store_raw(meta.task_id, self.encode(meta.to_dict()), ttl=ttl)
 
-    async def store_raw(self, task_id: str, data: bytes, *, ttl: float | None) -> None:
+    async def store_raw(
+        self, task_id: str, data: bytes, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
         await self._set(TASK_PREFIX + task_id, data, ttl)
 
     def _meta(self, task_id: str, raw: bytes | None) -> ResultMeta | None:

@@ -36,10 +36,14 @@ class DisabledBackend(ResultBackend):
     async def close(self) -> None:
         return None
 
-    async def store(self, meta: ResultMeta, *, ttl: float | None) -> None:
+    async def store(
+        self, meta: ResultMeta, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
         return None
 
-    async def store_raw(self, task_id: str, data: bytes, *, ttl: float | None) -> None:
+    async def store_raw(
+        self, task_id: str, data: bytes, *, ttl: float | None, reply_to: str | None = None
+    ) -> None:
         return None
 
     async def get(self, task_id: str) -> ResultMeta | None:

@@ -109,7 +109,8 @@ for i = b + 3 * d + 1, #ARGV do wake(ARGV[i]) end
 
 # KEYS: in-flight hash, heartbeats, then the ready lists in pop order. ARGV: consumer,
 # max count, first tag, client now (for due delays), lease, one slot prefix per list,
-# then the queues to flag idle when nothing came back. Returns {idx, payload, ...}, next due.
+# then the queues to flag idle when fewer than asked came back (every list is empty
+# then). Returns {idx, payload, ...}, next due.
 _FETCH = """
 redis.call('ZADD', KEYS[2], now() + ARGV[5], ARGV[1])
 promote(ARGV[4])
@@ -126,8 +127,10 @@ for i = 1, lists do
     n = n - #got
   end
 end
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields))
-else for i = 6 + lists, #ARGV do redis.call('SET', 'celeriac.wake.' .. ARGV[i], '1') end end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
+if n > 0 then
+  for i = 6 + lists, #ARGV do redis.call('SET', 'celeriac.wake.' .. ARGV[i], '1') end
+end
 local nxt = redis.call('ZRANGE', 'celeriac.delayed', 0, 0, 'WITHSCORES')
 return {out, nxt[2]}
 """

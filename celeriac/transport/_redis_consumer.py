@@ -99,7 +99,8 @@ class RedisConsumer(Consumer):
         self.lease = lease
         self.beat_every = float(o.get("heartbeat_interval", min(1.0, lease / 3)))
         self.reap_every = float(o.get("reap_interval", max(self.beat_every, min(5.0, lease / 2))))
-        self.max_poll = float(o.get("max_poll_interval", 0.05))
+        self.min_poll = float(o.get("min_poll_interval", 0.005))
+        self.max_poll = max(self.min_poll, float(o.get("max_poll_interval", 0.05)))
         self.batch = int(o.get("fetch_batch", 100))
         self.client = _client(transport.url, self.client_name, 0, o)
         self._next_tag = 0
@@ -188,7 +189,9 @@ class RedisConsumer(Consumer):
     # -- the delivery loop -----------------------------------------------------------
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
-        idle = 0.001
+        idle = self.min_poll
+        drained = False  # the last fetch emptied every list and armed their wake keys
+        due: float | None = None
         while not self._closed:
             if self._buffer:
                 yield self._buffer.popleft()
@@ -198,25 +201,30 @@ class RedisConsumer(Consumer):
                 self._room.clear()
                 await self._room.wait()
                 continue
+            if drained and not self._wake.is_set():
+                # Producers that PUBLISH wake us; the timer is for those that do not
+                # (Celery clients) and for the next delayed message.
+                timeout = idle if due is None else max(0.0, min(idle, due - time.time()))
+                idle = min(idle * 2, self.max_poll)
+                alarm = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    alarm.cancel()
             self._wake.clear()
+            want = min(room, self.batch)
             try:
                 if self._lost:
                     await self._recover()
-                due = await self._fetch(min(room, self.batch))
+                got, due = await self._fetch(want)
             except CONN_ERRORS as exc:
+                drained = False
                 await self._trouble(exc)
                 continue
             self._fine()
-            if self._buffer:
-                idle = 0.001
-                continue
-            timeout = idle if due is None else max(0.0, min(idle, due - time.time()))
-            idle = min(idle * 2, self.max_poll)
-            alarm = asyncio.get_running_loop().call_later(timeout, self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                alarm.cancel()
+            drained = got < want
+            if got:
+                idle = self.min_poll
 
     def _layout(self) -> list[tuple[str, str, str]]:
         """(list key, queue, bucket) in pop order: priority-major, queues round-robin."""
@@ -226,7 +234,8 @@ class RedisConsumer(Consumer):
             names = names[self._rr :] + names[: self._rr]
         return [(list_key(q, s), q, s) for s in STEPS for q in names]
 
-    async def _fetch(self, n: int) -> float | None:
+    async def _fetch(self, n: int) -> tuple[int, float | None]:
+        """Lease up to ``n`` messages into the buffer: (how many came, next delayed due)."""
         layout = self._layout()
         first = self._next_tag
         self._next_tag += n
@@ -265,7 +274,7 @@ class RedisConsumer(Consumer):
             except BaseException:
                 self._lost.extend(g[0] for g in garbage[n_done:])  # fetched again, buried then
                 raise
-        return float(nxt[0]) if nxt and nxt[0] is not None else None
+        return len(flat) // 2, float(nxt[0]) if nxt and nxt[0] is not None else None
 
     async def _bury(self, tag: int, queue: str, raw: bytes, reason: str) -> None:
         dead = dead_letter_name(queue)

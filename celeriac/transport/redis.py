@@ -51,12 +51,29 @@ them only then). A Celery client's ETA task arrives ready, with an ``eta`` heade
 worker honours. Acks are batched: ``ack`` returns at once and every ack of one loop tick
 goes out in one HDEL (AMQP's basic.ack is unconfirmed too); leaving the consumer flushes.
 
-Wake-ups: an idle consumer sleeps on its queues' wake channels, polling with backoff
-(1 ms doubling to ``max_poll_interval``, 50 ms) for producers that do not PUBLISH, such
-as Celery clients, and waking early for the next delayed message due. Pub/sub ignores
-the database number, so a push in another database can cause a harmless extra fetch.
-Publishing goes through redis-py's retry (3 tries), so a connection lost after the
-server ran a publish can, rarely, publish it twice (at least once, like kombu's retry).
+Wake-ups: a fetch that leaves every list empty (fewer messages than asked for) sets
+the queues' wake keys in the same script, and the consumer then sleeps on their wake
+channels instead of fetching again; whoever pushes next deletes the key and PUBLISHes.
+So a celeriac producer wakes an idle consumer at once and costs it no polling. For
+producers that do not PUBLISH (Celery clients) the consumer also polls, with backoff
+from ``min_poll_interval`` (5 ms) doubling to ``max_poll_interval`` (50 ms), and wakes
+early for the next delayed message due. Pub/sub ignores the database number, so a push
+in another database can cause a harmless extra fetch.
+
+Publishing: each transport has one pipelined connection of its own for the publish
+script (``_redis_common.Publisher``): the EVALSHA is encoded by hand and written at
+once, replies are read in order. On a loop that keeps running (a worker, ``asyncio``
+code awaiting ``adelay``) every publish waits for its reply. A sync ``.delay()`` runs on
+its thread's own loop, which stops as soon as the call returns: there the call returns
+once the command is written, like AMQP's basic.publish without confirms, and its reply
+is read by the next call on that thread, by :meth:`close` (``app.close()``) or at
+interpreter exit (``_bridge``); a refusal is logged and raised by the next publish, and
+at most ``Publisher.WINDOW`` commands are ever unconfirmed. A process killed
+(``SIGKILL``, ``os._exit``) right after such a ``.delay()`` can lose that message;
+``broker_transport_options={"confirm_publish": True}`` makes every publish wait. A
+connection lost with commands unconfirmed is reopened and those are written again, so
+a publish Redis ran but whose reply was lost can run twice (at least once, like kombu's
+retry).
 Fanout exchanges are bindings like any other here: kombu publishes fanout through
 pub/sub, so a kombu producer's fanout messages do not reach celeriac queues.
 

@@ -213,7 +213,8 @@ class MessageHandler:
                     states.REVOKED,
                     exception_to_dict(TaskRevokedError(why)),
                     date_done=now_iso(),
-                )
+                ),
+                env.reply_to,
             )
             await self.consumer.ack(delivery)
             return
@@ -247,6 +248,7 @@ class MessageHandler:
                 "routing_key": delivery.routing_key,
                 "priority": env.priority,
                 "redelivered": delivery.redelivered,
+                "reply_to": env.reply_to,
             },
             hostname=self.hostname,
             soft_time_limit=soft,
@@ -287,7 +289,8 @@ class MessageHandler:
                 await self._store(
                     ResultMeta(
                         task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
-                    )
+                    ),
+                    env.reply_to,
                 )
             if task_id in self.revoked:
                 outcome = Outcome(task_id, states.REVOKED)
@@ -317,9 +320,9 @@ class MessageHandler:
         per_sec = parse_rate(rate)
         self.buckets[name] = TokenBucket(per_sec) if per_sec else None
 
-    async def _store(self, meta: ResultMeta) -> None:
+    async def _store(self, meta: ResultMeta, reply_to: str | None = None) -> None:
         if self.conns.backend.persistent:
-            await self.conns.backend.store(meta, ttl=self.result_ttl)
+            await self.conns.backend.store(meta, ttl=self.result_ttl, reply_to=reply_to)
 
     # -- settle ------------------------------------------------------------------------
 
@@ -340,7 +343,8 @@ class MessageHandler:
                     states.REVOKED,
                     exception_to_dict(TaskRevokedError("revoked")),
                     date_done=now_iso(),
-                )
+                ),
+                job.delivery_info.get("reply_to"),
             )
         elif (
             outcome.state == states.REJECTED
@@ -351,10 +355,11 @@ class MessageHandler:
             await self._dead_letter(delivery, outcome.exc_repr, acked=info.acknowledged)
             return
         if backend.persistent:
+            reply_to = job.delivery_info.get("reply_to")
             if outcome.meta is not None:
-                await backend.store_raw(job.task_id, outcome.meta, ttl=ttl)
+                await backend.store_raw(job.task_id, outcome.meta, ttl=ttl, reply_to=reply_to)
             for tid, data in outcome.extra_results:
-                await backend.store_raw(tid, data, ttl=ttl)
+                await backend.store_raw(tid, data, ttl=ttl, reply_to=reply_to)
         if outcome.follow_ups:
             await self.conns.transport.publish_many(outcome.follow_ups)
         if outcome.chord is not None:

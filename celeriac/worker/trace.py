@@ -198,7 +198,7 @@ class Tracer:
             chain=embed.get("chain"),
             chord=embed.get("chord"),
             correlation_id=job.task_id,
-            reply_to=h.get("reply_to"),
+            reply_to=job.delivery_info.get("reply_to"),
             origin=h.get("origin"),
             timelimit=h.get("timelimit") or (None, None),
             ignore_result=bool(h.get("ignore_result")),

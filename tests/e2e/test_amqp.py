@@ -130,3 +130,14 @@ def test_killed_worker_task_runs_on_another_worker(
     assert second[0].startswith("start ") and second[0] != first[0]
     release.touch()
     assert r.get(timeout=30) == "released"
+
+
+def test_rpc_results_over_rabbitmq(worker: WorkerFactory, app: Celery) -> None:
+    """Celery's usual RabbitMQ pairing: ``backend='rpc://'``."""
+    app.close()
+    app.conf.result_backend = "rpc://"
+    worker(env={"CELERIAC_RESULT_BACKEND": "rpc://"})
+    assert tasks.add.delay(2, 2).get(timeout=20) == 4
+    assert chain(tasks.add.s("chris", "kuan") | tasks.hello.s())().get(timeout=20) == (
+        "hello chriskuan"
+    )
