@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from ..exceptions import ImproperlyConfigured
-from .base import TransportError, clamp_priority
+from .base import clamp_priority
 
 logger = logging.getLogger("celeriac.transport.redis")
 
@@ -240,10 +240,10 @@ async def _close(ps: PubSub) -> None:
     await ps.aclose()  # type: ignore[no-untyped-call]
 
 
-# -- the producer connection ------------------------------------------------------------
+# -- pipelined connections ----------------------------------------------------------------
 
 
-def resp(*args: bytes | str | int) -> bytes:
+def resp(*args: bytes | str | int | float) -> bytes:
     """One command in RESP, ready to write (redis-py's packer costs more than the I/O)."""
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
@@ -254,41 +254,47 @@ def resp(*args: bytes | str | int) -> bytes:
 
 @dataclass(slots=True, eq=False)
 class _Sent:
-    """One command written to the producer connection whose reply has not been read."""
+    """A command written to a :class:`Pipe` whose reply has not been read yet."""
 
     command: bytes
-    what: str  # for errors: the task ids it carries; "" for our own SCRIPT LOAD
-    future: asyncio.Future[None] | None = None  # None: nobody waits (see Publisher.send)
+    what: str  # names it in errors; "" for the pipe's own SCRIPT LOADs
+    future: asyncio.Future[Any] | None  # None: nobody waits (``send(wait=False)``)
 
 
-class Publisher:
-    """A dedicated, pipelined connection for the publish script.
+_EVALSHA = b"\r\n$7\r\nEVALSHA\r\n$40\r\n"  # what follows ``*<n>`` in resp(b"EVALSHA", ...)
+
+
+class Pipe:
+    """One dedicated connection, pipelined, without redis-py's per-command layers.
 
     Commands are written as soon as they are made and replies are read in order, so
-    concurrent publishers share one socket without taking turns, and a caller that does
-    not wait (``wait=False``) pays no round trip. A lost connection is reopened (redis-py
-    retries the connect) and every command still without a reply is written again: at
-    least once, like redis-py's retry. A NOSCRIPT reply (script cache flushed) reloads
-    the script and resends that command, which did not run. One coroutine reads at a
-    time; writers never wait for it.
+    concurrent callers share the socket without taking turns; a caller that does not
+    wait (``send(wait=False)``) pays no round trip. One coroutine reads at a time and
+    writers never wait for it. A NOSCRIPT reply (script cache flushed) loads the script
+    and sends that command again: it did not run. After a lost connection, with
+    ``resend`` every command still without a reply is written again on a new connection
+    (at least once: for idempotent commands and publishes); without it they fail with
+    ``ConnectionError`` (for a fetch, whose caller must know it may have run).
     """
 
-    #: Commands without a reply before a non-waiting send waits for the oldest.
+    #: Unconfirmed commands before a non-waiting send waits for the oldest ones.
     WINDOW = 1000
     #: Reconnects in a row that bring no reply before everything pending fails.
     ATTEMPTS = 3
 
-    def __init__(self, client: Redis, script: str) -> None:
+    def __init__(self, client: Redis, *, resend: bool) -> None:
         self._client = client
-        self._script = script.encode()
-        self.sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._resend = resend
+        self._scripts: dict[bytes, bytes] = {}  # sha -> body, loaded on every connect
         self._conn: AbstractConnection | None = None
         self._pending: deque[_Sent] = deque()
         self._reading: asyncio.Lock | None = None
-        self._lost: list[str] = []  # failures nobody waited for: the next send raises
+        self._lost: list[tuple[str, BaseException]] = []  # failures nobody waited for
 
-    def evalsha(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> bytes:
-        return resp(b"EVALSHA", self.sha, len(keys), *keys, *args)
+    def evalsha(self, script: bytes, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+        sha = hashlib.sha1(script).hexdigest().encode()
+        self._scripts.setdefault(sha, script)
+        return resp(b"EVALSHA", sha, len(keys), *keys, *args)
 
     @property
     def unconfirmed(self) -> int:
@@ -298,11 +304,15 @@ class Publisher:
         conn = self._conn
         return conn if conn is not None and conn.is_connected else None
 
-    async def send(self, commands: Sequence[tuple[bytes, str]], *, wait: bool) -> None:
-        """Write ``(command, what)`` pairs. With ``wait``, return once Redis ran them all
-        (raising the first error); without, return at once, reading only the replies
-        already here (or waiting for old ones while :attr:`WINDOW` is full)."""
-        self._raise_lost("earlier publishes that did not wait for Redis failed")
+    async def call(self, command: bytes, what: str = "") -> Any:
+        """Run one command and return its reply (``ResponseError`` for an error reply)."""
+        return (await self.send([(command, what)], wait=True))[0]
+
+    async def send(self, commands: Sequence[tuple[bytes, str]], *, wait: bool) -> list[Any]:
+        """Write ``(command, what)`` pairs. With ``wait``, return their replies once all
+        are in (raising the first error); without, return at once, reading only the
+        replies already here, or waiting for old ones while :attr:`WINDOW` is full."""
+        self._raise_lost()
         loop = asyncio.get_running_loop()
         sent = [_Sent(c, w, loop.create_future() if wait else None) for c, w in commands]
         self._pending.extend(sent)
@@ -311,36 +321,42 @@ class Publisher:
             try:  # nothing is awaited before the bytes are written, so order holds
                 await conn.send_packed_command([s.command for s in sent], check_health=False)
             except CONN_ERRORS:
-                await conn.disconnect(nowait=True)  # the next read reconnects and resends
+                await conn.disconnect(nowait=True)  # the next read deals with it
         if wait:
-            last = sent[-1]
-            await self._read(lambda: last not in self._pending, block=True)
-            for s in sent:
-                assert s.future is not None
-                s.future.result()
-        elif self._healthy() is None or len(self._pending) > self.WINDOW:
+            last = sent[-1].future
+            assert last is not None
+            await self._read(last.done, block=True)
+            return [s.future.result() for s in sent if s.future is not None]
+        if self._healthy() is None or len(self._pending) > self.WINDOW:
             await self._read(lambda: len(self._pending) <= self.WINDOW // 2, block=True)
         else:
             await self._read(lambda: False, block=False)
+        return []
 
     async def flush(self) -> None:
         """Wait until every command written so far has its reply."""
         await self._read(lambda: not self._pending, block=True)
-        self._raise_lost("publishes failed")
+        self._raise_lost()
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect(nowait=True)
 
-    def _raise_lost(self, what: str) -> None:
+    def _script_of(self, command: bytes) -> bytes | None:
+        at = command.find(_EVALSHA, 0, 32)
+        return None if at < 0 else self._scripts.get(command[at + 20 : at + 60])
+
+    def _raise_lost(self) -> None:
+        """Raise, once, what failed among commands whose callers did not wait."""
         if self._lost:
             lost, self._lost = self._lost, []
-            raise TransportError(f"{what}: " + "; ".join(lost))
+            text = "; ".join(f"{what}: {exc}" for what, exc in lost)
+            raise type(lost[0][1])(f"earlier commands that did not wait failed: {text}")
 
     async def _read(self, done: Any, *, block: bool) -> None:
         """Read replies until ``done()``; ``block=False`` stops at the first one not here.
-        A broken connection is reopened first, whatever ``done`` says."""
+        A broken connection is dealt with first, whatever ``done`` says."""
         if self._reading is None:
             self._reading = asyncio.Lock()
         async with self._reading:
@@ -354,7 +370,7 @@ class Publisher:
                     except CONN_ERRORS as exc:
                         if attempts < self.ATTEMPTS:
                             continue
-                        self._give_up(exc)
+                        self._fail_all(exc)
                         return
                 if done():
                     return
@@ -362,10 +378,11 @@ class Publisher:
                     if not block and not await conn.can_read():
                         return
                     error: BaseException | None = None
+                    reply: Any = None
                     try:
-                        # Not disconnect_on_error: a cancelled read leaves the replies
-                        # coming; dropping the connection would resend commands that ran.
-                        await conn.read_response(disable_decoding=True, disconnect_on_error=False)
+                        # Not disconnect_on_error: after a cancelled read the replies
+                        # still come, and a new connection would send commands again.
+                        reply = await conn.read_response(disconnect_on_error=False)
                     except rexc.ResponseError as exc:
                         error = exc
                 except CONN_ERRORS:
@@ -373,52 +390,58 @@ class Publisher:
                     continue
                 attempts = 0
                 sent = self._pending.popleft()
+                script = None
                 if error is not None and str(error).startswith("NOSCRIPT"):
-                    again = [_Sent(resp(b"SCRIPT", b"LOAD", self._script), ""), sent]
-                    self._pending.extend(again)
+                    script = self._script_of(sent.command)
+                if script is not None:
+                    load = _Sent(resp(b"SCRIPT", b"LOAD", script), "", None)
+                    self._pending.extend((load, sent))
                     with contextlib.suppress(*CONN_ERRORS):
                         await conn.send_packed_command(
-                            [s.command for s in again], check_health=False
+                            [load.command, sent.command], check_health=False
                         )
-                elif sent.what:
-                    why = None if error is None else f"Redis refused {sent.what}: {error}"
-                    self._finish(sent, why)
+                elif sent.what or sent.future is not None:
+                    self._finish(sent, reply, error)
 
-    def _finish(self, sent: _Sent, message: str | None) -> None:
-        error = None if message is None else TransportError(message)
+    def _finish(self, sent: _Sent, reply: Any, error: BaseException | None) -> None:
         if sent.future is None:
             if error is not None:
-                logger.error("%s", error)
-                self._lost.append(str(error))
+                logger.error("%s failed after its caller moved on: %s", sent.what, error)
+                self._lost.append((sent.what, error))
         elif not sent.future.done():
             if error is None:
-                sent.future.set_result(None)
+                sent.future.set_result(reply)
             else:
                 sent.future.set_exception(error)
 
     async def _reconnect(self) -> AbstractConnection:
-        """A new connection with the script loaded and every command still without a
-        reply written again, in order."""
+        """A new connection; with ``resend``, the scripts loaded and every command still
+        without a reply written again, in order; without, those fail."""
         old, self._conn = self._conn, None
         if old is not None:
             await old.disconnect(nowait=True)
+            if not self._resend:
+                self._fail_all(rexc.ConnectionError("connection to Redis lost"))
+                if not self._pending:
+                    raise rexc.ConnectionError("connection to Redis lost")
         pool = self._client.connection_pool
         conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        load = _Sent(resp(b"SCRIPT", b"LOAD", self._script), "")
+        loads = [_Sent(resp(b"SCRIPT", b"LOAD", body), "", None) for body in self._scripts.values()]
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
-            self._pending.appendleft(load)
+            self._pending.extendleft(reversed(loads))
             await conn.send_packed_command([s.command for s in self._pending], check_health=False)
         except BaseException:
-            if self._pending and self._pending[0] is load:
-                self._pending.popleft()
+            for load in loads:
+                if self._pending and self._pending[0] is load:
+                    self._pending.popleft()
             await conn.disconnect(nowait=True)
             raise
         self._conn = conn
         return conn
 
-    def _give_up(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> None:
         while self._pending:
             sent = self._pending.popleft()
-            if sent.what:
-                self._finish(sent, f"cannot publish {sent.what}: Redis is unreachable ({exc})")
+            if sent.what or sent.future is not None:
+                self._finish(sent, None, rexc.ConnectionError(str(exc)))

@@ -61,14 +61,14 @@ early for the next delayed message due. Pub/sub ignores the database number, so 
 in another database can cause a harmless extra fetch.
 
 Publishing: each transport has one pipelined connection of its own for the publish
-script (``_redis_common.Publisher``): the EVALSHA is encoded by hand and written at
+script (``_redis_common.Pipe``): the EVALSHA is encoded by hand and written at
 once, replies are read in order. On a loop that keeps running (a worker, ``asyncio``
 code awaiting ``adelay``) every publish waits for its reply. A sync ``.delay()`` runs on
 its thread's own loop, which stops as soon as the call returns: there the call returns
 once the command is written, like AMQP's basic.publish without confirms, and its reply
 is read by the next call on that thread, by :meth:`close` (``app.close()``) or at
 interpreter exit (``_bridge``); a refusal is logged and raised by the next publish, and
-at most ``Publisher.WINDOW`` commands are ever unconfirmed. A process killed
+at most ``Pipe.WINDOW`` commands are ever unconfirmed. A process killed
 (``SIGKILL``, ``os._exit``) right after such a ``.delay()`` can lose that message;
 ``broker_transport_options={"confirm_publish": True}`` makes every publish wait. A
 connection lost with commands unconfirmed is reopened and those are written again, so
@@ -122,7 +122,7 @@ from ._redis_common import (
     LOCK,
     SEP,
     STEPS,
-    Publisher,
+    Pipe,
     _client,
     _close,
     _redis_url,
@@ -147,6 +147,9 @@ __all__ = ["RedisConsumer", "RedisTransport"]
 logger = logging.getLogger(__name__)
 
 
+PUBLISH_SCRIPT = (_LUA_LIB + _PUBLISH).encode()
+
+
 def _what(ids: list[str]) -> str:
     return f"task {ids[0]}" if len(ids) == 1 else f"{len(ids)} tasks ({ids[0]}, ...)"
 
@@ -166,7 +169,7 @@ class RedisTransport(Transport):
         self.binding_ttl = float(self.options.get("binding_cache_ttl", 1.0))
         self.confirm_publish = bool(self.options.get("confirm_publish", False))
         self._client_: Redis | None = None
-        self._publisher: Publisher | None = None
+        self._pipe: Pipe | None = None
         self._flush_at_exit: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._scripts: dict[str, AsyncScript] = {}
         self._bindings: dict[str, tuple[float, list[_bindings.Binding]]] = {}
@@ -189,10 +192,11 @@ class RedisTransport(Transport):
         return self._client_
 
     @property
-    def publisher(self) -> Publisher:
-        if self._publisher is None:
-            self._publisher = Publisher(self.client, _LUA_LIB + _PUBLISH)
-        return self._publisher
+    def pipe(self) -> Pipe:
+        """The publishing connection (see "Publishing" in the module docstring)."""
+        if self._pipe is None:
+            self._pipe = Pipe(self.client, resend=True)
+        return self._pipe
 
     def script(self, name: str) -> AsyncScript:
         _ = self.client
@@ -206,14 +210,14 @@ class RedisTransport(Transport):
 
     async def close(self) -> None:
         """Wait for the replies of publishes that did not wait (see the module docstring)."""
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
             try:
-                await publisher.flush()
-            except TransportError as exc:
-                logger.error("%s", exc)
+                await pipe.flush()
+            except rexc.RedisError as exc:
+                logger.error("publishes were lost: %s", exc)
             finally:
-                await publisher.close()
+                await pipe.close()
         if self._client_ is not None:
             client, self._client_ = self._client_, None
             with suppress(rexc.RedisError, OSError):
@@ -282,7 +286,7 @@ class RedisTransport(Transport):
         async with self._errors("publish"):
             routes = await self._route(items)
             now = time.time()
-            publisher = self.publisher
+            pipe = self.pipe
             calls: list[tuple[bytes, str]] = []
             keys: list[str] = []
             ready: list[Any] = []
@@ -302,12 +306,12 @@ class RedisTransport(Transport):
                         wake.add(q)
                 if len(keys) + len(delayed) // 3 >= CHUNK:
                     args = [len(keys), len(delayed) // 3, *ready, *delayed, *wake]
-                    calls.append((publisher.evalsha(keys, args), _what(ids)))
+                    calls.append((pipe.evalsha(PUBLISH_SCRIPT, keys, args), _what(ids)))
                     keys, ready, delayed, wake, ids = [], [], [], set(), []
             if keys or delayed:
                 args = [len(keys), len(delayed) // 3, *ready, *delayed, *wake]
-                calls.append((publisher.evalsha(keys, args), _what(ids)))
-            await publisher.send(calls, wait=self._must_wait())
+                calls.append((pipe.evalsha(PUBLISH_SCRIPT, keys, args), _what(ids)))
+            await pipe.send(calls, wait=self._must_wait())
 
     def _must_wait(self) -> bool:
         """Sync callers on their own loop do not wait for the reply (module docstring)."""
@@ -318,7 +322,7 @@ class RedisTransport(Transport):
             return True
         if loop not in self._flush_at_exit:
             self._flush_at_exit.add(loop)
-            portal.flush_before_close(loop, self.publisher)
+            portal.flush_before_close(loop, self.pipe)
         return False
 
     async def size(self, queue: str) -> int:
