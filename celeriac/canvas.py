@@ -215,14 +215,10 @@ class Signature(dict[str, Any]):
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        a, kw, opts = self._merge(args, kwargs, options)
-        app = self.app
-        task = self._type if self._type is not None else app.tasks.get(self.task)
-        if task is not None:
-            task.check_arguments(a, kw)
-            if app.conf.task_always_eager:
-                return task.apply(a, kw, **opts)
-        return app.send_task(self.task, a, kw, _task=task, **opts)
+        a, kw, opts, task = self._call_args(args, kwargs, options)
+        if task is not None and self.app.conf.task_always_eager:
+            return task.apply(a, kw, **opts)
+        return self.app.send_task(self.task, a, kw, _task=task, **opts)
 
     async def aapply_async(
         self,
@@ -230,12 +226,20 @@ class Signature(dict[str, Any]):
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Any:
+        a, kw, opts, task = self._call_args(args, kwargs, options)
+        if task is not None and self.app.conf.task_always_eager:
+            return task.apply(a, kw, **opts)
+        return await self.app.asend_task(self.task, a, kw, _task=task, **opts)
+
+    def _call_args(
+        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, options: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], Task[..., Any] | None]:
+        """Merge a partial call and check it against the task, as ``Task.apply_async`` does."""
         a, kw, opts = self._merge(args, kwargs, options)
-        app = self.app
-        task = self._type if self._type is not None else app.tasks.get(self.task)
+        task = self._type if self._type is not None else self.app.tasks.get(self.task)
         if task is not None:
             task.check_arguments(a, kw)
-        return await app.asend_task(self.task, a, kw, _task=task, **opts)
+        return a, kw, opts, task
 
     def delay(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
